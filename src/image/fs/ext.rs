@@ -1,0 +1,15 @@
+//! ext used blocks. (placeholder until the parser lands)
+
+use anyhow::{Result, bail};
+
+use crate::image::extent::{DevSlice, Extent};
+
+/// Whether `dev` starts with a ext signature.
+pub fn probe(_dev: &DevSlice) -> Result<bool> {
+    Ok(false)
+}
+
+/// Used extents, relative to the start of `dev`.
+pub fn used_extents(_dev: &DevSlice) -> Result<Vec<Extent>> {
+    bail!("ext: parser not implemented")
+}

@@ -1,0 +1,3 @@
+//! blockswarm: re-image rooms of PCs over a BitTorrent swarm of used blocks.
+
+pub mod image;
