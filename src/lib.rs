@@ -1,3 +1,9 @@
 //! blockswarm: re-image rooms of PCs over a BitTorrent swarm of used blocks.
 
+pub mod agent;
+pub mod blockdev;
 pub mod image;
+pub mod server;
+pub mod storage;
+pub mod swarm;
+pub mod util;

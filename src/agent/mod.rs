@@ -1,0 +1,4 @@
+//! The deploy agent: target safety, writing, and the receive flow.
+
+pub mod receive;
+pub mod write;

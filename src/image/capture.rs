@@ -1,0 +1,191 @@
+//! `capture`: a disk's used blocks become an image directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use tracing::{info, warn};
+
+use super::extent::{DevSlice, Extent};
+use super::fs;
+use super::manifest::{self, Disk, Manifest, Payload, Region};
+use super::table::{self, TableKind};
+use super::torrent;
+use crate::blockdev;
+use crate::util::human_bytes;
+
+pub const PAYLOAD_FILE: &str = "payload.bin";
+
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    pub source: PathBuf,
+    pub out: PathBuf,
+    /// Also write the payload as a plain file in the image directory.
+    pub store: bool,
+    pub piece_length: Option<u32>,
+    pub name: Option<String>,
+    pub trackers: Vec<String>,
+    /// Capture even when the source is mounted read-write.
+    pub force: bool,
+}
+
+/// Maps the used blocks of a disk: partition table, then each file system.
+pub fn map_disk(dev: &blockdev::Dev) -> Result<(table::PartitionTable, Vec<Region>)> {
+    let t = table::read(&dev.file, dev.size, dev.sector_size)
+        .with_context(|| format!("reading the partition table of {}", dev.path.display()))?;
+    let disk = DevSlice::new(&dev.file, 0, dev.size);
+    let mut regions = Vec::new();
+    let whole = |name: String, start: u64, len: u64| Region {
+        name,
+        start,
+        len,
+        partition: None,
+        fs: None,
+        warning: None,
+        used_bytes: len,
+        extents: vec![Extent::new(start, len)],
+    };
+    if t.kind == TableKind::None {
+        regions.push(fs_region("disk".into(), None, &disk)?);
+    } else {
+        let boot = t.boot_area_end().min(dev.size);
+        regions.push(whole("boot".into(), 0, boot));
+        for p in &t.partitions {
+            if let Some(ebr) = p.ebr {
+                regions.push(whole(format!("ebr{}", p.number), ebr, t.sector_size));
+            }
+            let part = disk.sub(p.start, p.size)?;
+            let r = fs_region(format!("p{}", p.number), Some(p.number), &part)
+                .with_context(|| format!("partition {}", p.number))?;
+            regions.push(r);
+        }
+    }
+    regions.sort_by_key(|r| r.start);
+    Ok((t, regions))
+}
+
+fn fs_region(name: String, partition: Option<u32>, dev: &DevSlice) -> Result<Region> {
+    let map = fs::used_map(dev)?;
+    if let Some(w) = &map.warning {
+        warn!("{name}: {w}");
+    }
+    let extents: Vec<Extent> = map
+        .extents
+        .iter()
+        .map(|e| Extent::new(e.start + dev.start(), e.len))
+        .collect();
+    if let Some(e) = map.extents.last()
+        && e.end() > dev.len()
+    {
+        bail!("{name}: the {} map reaches byte {}, past the region's {} bytes", map.kind, e.end(), dev.len());
+    }
+    Ok(Region {
+        name,
+        start: dev.start(),
+        len: dev.len(),
+        partition,
+        fs: Some(map.kind),
+        warning: map.warning,
+        used_bytes: super::extent::total_len(&extents),
+        extents,
+    })
+}
+
+pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
+    let t0 = Instant::now();
+    let dev = blockdev::open_source(&opts.source)?;
+    for m in blockdev::mounts(&dev)? {
+        if m.read_write && !opts.force {
+            bail!(
+                "{} is mounted read-write at {}: its blocks may change while they are read; \
+                 unmount it or remount it read-only (or pass --force)",
+                opts.source.display(),
+                m.mountpoint
+            );
+        }
+    }
+    let manifest_path = opts.out.join(manifest::MANIFEST_FILE);
+    if manifest_path.exists() {
+        bail!("{} already holds an image; remove it or choose another --out", opts.out.display());
+    }
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+
+    let (table, regions) = map_disk(&dev)?;
+    let map_time = t0.elapsed();
+    let extents: Vec<Extent> = regions.iter().flat_map(|r| r.extents.iter().copied()).collect();
+    let map = super::map::PayloadMap::new(extents)?;
+    let piece_length = opts.piece_length.unwrap_or_else(|| torrent::default_piece_length(map.len()));
+    if piece_length < 16384 || !piece_length.is_power_of_two() {
+        bail!("--piece-length {piece_length} must be a power of two of at least 16384");
+    }
+    info!(
+        "{}: {} table, {} regions, {} used of {} (mapped in {:.2?})",
+        opts.source.display(),
+        format!("{:?}", table.kind).to_lowercase(),
+        regions.len(),
+        human_bytes(map.len()),
+        human_bytes(dev.size),
+        map_time
+    );
+
+    let store_tmp = opts.out.join(format!("{PAYLOAD_FILE}.partial"));
+    let store = if opts.store {
+        let f = std::fs::File::create(&store_tmp).with_context(|| format!("creating {}", store_tmp.display()))?;
+        f.set_len(map.len())?;
+        Some(f)
+    } else {
+        None
+    };
+    let pieces = torrent::hash_payload(&dev.file, &map, piece_length, store.as_ref(), &|_| {})
+        .with_context(|| format!("reading the used blocks of {}", opts.source.display()))?;
+    if let Some(f) = store {
+        f.sync_all()?;
+        std::fs::rename(&store_tmp, opts.out.join(PAYLOAD_FILE))?;
+    }
+    let built = torrent::build(PAYLOAD_FILE, map.len(), piece_length, pieces, &opts.trackers)?;
+
+    let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.out));
+    let m = Manifest {
+        format: manifest::FORMAT.into(),
+        version: manifest::VERSION,
+        created_by: concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into(),
+        name,
+        source: opts.source.display().to_string(),
+        disk: Disk {
+            size: dev.size,
+            sector_size: dev.sector_size,
+            min_target_size: table.min_disk_size(dev.size),
+            table,
+        },
+        regions,
+        payload: Payload {
+            size: map.len(),
+            piece_length,
+            piece_count: map.len().div_ceil(u64::from(piece_length)),
+            info_hash: torrent::hex(&built.info_hash),
+            file: PAYLOAD_FILE.into(),
+            stored: opts.store,
+        },
+    };
+    m.validate().context("the new manifest is inconsistent (a bug)")?;
+    crate::util::write_atomic(&opts.out.join(manifest::TORRENT_FILE), &built.bytes)?;
+    // The manifest last: its presence marks a complete image.
+    m.save(&manifest_path)?;
+    info!(
+        "captured {} into {}: payload {}, {} pieces of {}, info hash {}, {:.1?}",
+        opts.source.display(),
+        opts.out.display(),
+        human_bytes(m.payload.size),
+        m.payload.piece_count,
+        human_bytes(piece_length.into()),
+        m.payload.info_hash,
+        t0.elapsed()
+    );
+    Ok(m)
+}
+
+fn default_name(out: &Path) -> String {
+    out.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}

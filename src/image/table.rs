@@ -1,0 +1,299 @@
+//! Partition tables: reading GPT and MBR (with logical partitions), and
+//! fitting a GPT to a target disk of another size.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::extent::DevSlice;
+use super::fs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    Gpt,
+    Mbr,
+    /// A bare file system (or unknown data) spanning the whole disk.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// 1-based: GPT entry index, or MBR slot (1-4 primary, 5+ logical).
+    pub number: u32,
+    /// Byte offset on the disk.
+    pub start: u64,
+    /// Bytes.
+    pub size: u64,
+    /// GPT type GUID, or MBR system id as `0xNN`.
+    pub type_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Byte offset of the EBR that describes a logical partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ebr: Option<u64>,
+}
+
+impl Partition {
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionTable {
+    pub kind: TableKind,
+    pub sector_size: u64,
+    /// Sorted by start; extended-partition containers are not listed.
+    pub partitions: Vec<Partition>,
+}
+
+impl PartitionTable {
+    /// The smallest disk this table fits on.
+    pub fn min_disk_size(&self, source_size: u64) -> u64 {
+        let end = self.partitions.iter().map(Partition::end).max().unwrap_or(0);
+        match self.kind {
+            // Room for the backup entry array (16 KiB) and header.
+            TableKind::Gpt => end + (16384u64.div_ceil(self.sector_size) + 1) * self.sector_size,
+            TableKind::Mbr => end.max(self.sector_size),
+            TableKind::None => source_size,
+        }
+    }
+
+    /// End of the area before the first partition (MBR, GPT, BIOS boot gap).
+    pub fn boot_area_end(&self) -> u64 {
+        match self.kind {
+            TableKind::None => 0,
+            _ => self.partitions.first().map(|p| p.start).unwrap_or(1 << 20),
+        }
+    }
+}
+
+/// Reads the partition table of a whole disk (or image file) of `size` bytes.
+pub fn read(file: &File, size: u64, sector_size: u64) -> Result<PartitionTable> {
+    let disk = DevSlice::new(file, 0, size);
+    if size < 2 * sector_size {
+        bail!("disk of {size} bytes is too small to hold anything");
+    }
+    let lba1 = disk.read_vec(sector_size, 8)?;
+    let table = if &lba1[..] == b"EFI PART" {
+        read_gpt(&disk, sector_size)?
+    } else if fs::detect(&disk)? != fs::FsKind::Unknown {
+        PartitionTable {
+            kind: TableKind::None,
+            sector_size,
+            partitions: Vec::new(),
+        }
+    } else if disk.read_vec(510, 2)? == [0x55, 0xAA] {
+        read_mbr(&disk, sector_size)?
+    } else {
+        PartitionTable {
+            kind: TableKind::None,
+            sector_size,
+            partitions: Vec::new(),
+        }
+    };
+    check_layout(&table, size)?;
+    Ok(table)
+}
+
+fn read_gpt(disk: &DevSlice, ss: u64) -> Result<PartitionTable> {
+    let mut r = disk.reader();
+    let gpt = guard("GPT", || gptman::GPT::read_from(&mut r, ss))?
+        .context("reading the GPT")?;
+    let mut partitions = Vec::new();
+    for (i, p) in gpt.iter() {
+        if !p.is_used() {
+            continue;
+        }
+        if p.ending_lba < p.starting_lba {
+            bail!("GPT partition {i} ends (LBA {}) before it starts (LBA {})", p.ending_lba, p.starting_lba);
+        }
+        let start = p.starting_lba.checked_mul(ss);
+        let size = (p.ending_lba - p.starting_lba + 1).checked_mul(ss);
+        let (Some(start), Some(size)) = (start, size) else {
+            bail!("GPT partition {i}: LBA range overflows");
+        };
+        partitions.push(Partition {
+            number: i,
+            start,
+            size,
+            type_id: guid_string(&p.partition_type_guid),
+            name: p.partition_name.as_str().to_string(),
+            ebr: None,
+        });
+    }
+    partitions.sort_by_key(|p| p.start);
+    Ok(PartitionTable {
+        kind: TableKind::Gpt,
+        sector_size: ss,
+        partitions,
+    })
+}
+
+fn read_mbr(disk: &DevSlice, ss: u64) -> Result<PartitionTable> {
+    let mut r = disk.reader();
+    let mbr = guard("MBR", || mbrman::MBR::read_from(&mut r, ss as u32))?
+        .context("reading the MBR")?;
+    let mut partitions = Vec::new();
+    let entry = |number: u32, e: &mbrman::MBRPartitionEntry, ebr: Option<u64>| Partition {
+        number,
+        start: u64::from(e.starting_lba) * ss,
+        size: u64::from(e.sectors) * ss,
+        type_id: format!("{:#04x}", e.sys),
+        name: String::new(),
+        ebr,
+    };
+    for (i, e) in mbr.header.iter() {
+        if e.is_used() && !e.is_extended() {
+            partitions.push(entry(i as u32, e, None));
+        }
+    }
+    for (i, l) in mbr.logical_partitions.iter().enumerate() {
+        if l.partition.is_used() {
+            let ebr = u64::from(l.absolute_ebr_lba) * ss;
+            partitions.push(entry(5 + i as u32, &l.partition, Some(ebr)));
+        }
+    }
+    partitions.sort_by_key(|p| p.start);
+    Ok(PartitionTable {
+        kind: TableKind::Mbr,
+        sector_size: ss,
+        partitions,
+    })
+}
+
+/// Partitions must lie on the disk and not overlap.
+fn check_layout(t: &PartitionTable, size: u64) -> Result<()> {
+    let mut prev: Option<&Partition> = None;
+    for p in &t.partitions {
+        if p.size == 0 {
+            bail!("partition {} is empty", p.number);
+        }
+        if p.end() > size {
+            bail!(
+                "partition {} ends at byte {}, past the end of the {size}-byte disk",
+                p.number,
+                p.end()
+            );
+        }
+        if let Some(q) = prev
+            && p.start < q.end()
+        {
+            bail!("partition {} overlaps partition {}", p.number, q.number);
+        }
+        prev = Some(p);
+    }
+    Ok(())
+}
+
+/// Runs a third-party parser, turning a panic on hostile input into an error.
+fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| anyhow::anyhow!("{what} is corrupt (its parser gave up)"))
+}
+
+fn guid_string(g: &[u8; 16]) -> String {
+    format!(
+        "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
+        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+    )
+}
+
+/// A GPT refitted to a target disk, ready to write: the primary header and
+/// entries go into the boot area (`head`, device bytes from 0), the backup
+/// into `tail` (the last bytes of the disk).
+pub struct FittedGpt {
+    pub tail_start: u64,
+    pub tail: Vec<u8>,
+}
+
+/// Rewrites the GPT in `head` for a disk of `disk_size` bytes: backup header
+/// at the last LBA, last usable LBA at the end of the disk, fresh CRCs.
+/// Returns the backup area to write at the end of the disk.
+pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
+    let tail_len = (1u64 << 20).min(disk_size);
+    let mut vdisk = VirtualDisk {
+        head,
+        tail: vec![0; tail_len as usize],
+        tail_start: disk_size - tail_len,
+        size: disk_size,
+        pos: 0,
+    };
+    let mut gpt = guard("GPT", || gptman::GPT::read_from(&mut vdisk, ss))?
+        .context("re-reading the image's GPT")?;
+    gpt.header
+        .update_from(&mut vdisk, ss)
+        .context("fitting the GPT to the target")?;
+    if let Some((i, _)) = gpt
+        .iter()
+        .find(|(_, p)| p.is_used() && p.ending_lba > gpt.header.last_usable_lba)
+    {
+        bail!("partition {i} ends past the last usable LBA of the target disk");
+    }
+    gpt.write_into(&mut vdisk)
+        .context("writing the fitted GPT")?;
+    Ok(FittedGpt {
+        tail_start: vdisk.tail_start,
+        tail: vdisk.tail,
+    })
+}
+
+/// A disk of `size` bytes of which only the head and the tail exist in memory.
+struct VirtualDisk<'a> {
+    head: &'a mut [u8],
+    tail: Vec<u8>,
+    tail_start: u64,
+    size: u64,
+    pos: u64,
+}
+
+impl VirtualDisk<'_> {
+    fn area(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        let (pos, end) = (self.pos, self.pos + len as u64);
+        if end <= self.head.len() as u64 {
+            Ok(&mut self.head[pos as usize..end as usize])
+        } else if pos >= self.tail_start && end <= self.size {
+            let off = (pos - self.tail_start) as usize;
+            Ok(&mut self.tail[off..off + len])
+        } else {
+            Err(io::Error::other(format!(
+                "GPT access at byte {pos} is outside the boot area and the disk's last MiB"
+            )))
+        }
+    }
+}
+
+impl Read for VirtualDisk<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len();
+        buf.copy_from_slice(self.area(n)?);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for VirtualDisk<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.area(buf.len())?.copy_from_slice(buf);
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for VirtualDisk<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.pos = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        }
+        .ok_or_else(|| io::Error::other("seek out of range"))?;
+        Ok(self.pos)
+    }
+}

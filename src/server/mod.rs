@@ -1,0 +1,3 @@
+//! The boot server: seeding (and, later, HTTP, tracker and dashboard).
+
+pub mod seed;

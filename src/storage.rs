@@ -1,0 +1,260 @@
+//! librqbit storage over a raw device, a partition, or a plain payload file.
+//!
+//! The torrent has one file, the payload; a [`PayloadMap`] turns payload
+//! offsets into device offsets, so nothing outside the used extents is ever
+//! read or written, and no file is created or removed.
+//!
+//! Two behaviours serve the receiver:
+//! - **Held head.** Payload bytes that land in the first [`HEAD_LEN`] bytes of
+//!   the device (MBR, primary GPT, boot code, a bare file system's superblock)
+//!   are kept in memory and written only by [`DeviceStorage::take_head`]'s
+//!   caller, after the whole image is verified. A half-imaged disk never boots
+//!   and never looks like a good one.
+//! - **No initial check on a fresh target.** librqbit hashes existing data
+//!   whenever a torrent is added, and stops reading a file at its first read
+//!   error, counting its pieces as missing. A storage created with
+//!   `fresh = true` fails every read until librqbit sizes the file, which it
+//!   does right after that check: a blank disk starts downloading at once
+//!   instead of hashing garbage. With `fresh = false` (seed, resume,
+//!   incremental re-imaging) the check runs in full.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use librqbit::storage::{BoxStorageFactory, StorageFactory, StorageFactoryExt, TorrentStorage};
+use librqbit::{ManagedTorrentShared, TorrentMetadata};
+
+use crate::image::map::PayloadMap;
+
+/// Bytes at the start of a target that are held in memory until the end.
+pub const HEAD_LEN: u64 = 1 << 20;
+
+#[derive(Clone)]
+pub struct DeviceStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    file: Arc<File>,
+    map: PayloadMap,
+    writable: bool,
+    /// Device bytes `[0, head.len())`, when held.
+    head: Option<Mutex<Vec<u8>>>,
+    fresh: AtomicBool,
+    written: AtomicU64,
+}
+
+impl DeviceStorage {
+    /// A read-only storage, for seeding.
+    pub fn reader(file: Arc<File>, map: PayloadMap) -> Self {
+        Self::new(file, map, false, false)
+    }
+
+    /// A storage that writes to a target. `fresh` skips the initial check.
+    pub fn writer(file: Arc<File>, map: PayloadMap, fresh: bool) -> Self {
+        Self::new(file, map, true, fresh)
+    }
+
+    fn new(file: Arc<File>, map: PayloadMap, writable: bool, fresh: bool) -> Self {
+        let head = writable.then(|| Mutex::new(vec![0u8; HEAD_LEN.min(map.device_end()) as usize]));
+        Self {
+            inner: Arc::new(Inner {
+                file,
+                map,
+                writable,
+                head,
+                fresh: AtomicBool::new(fresh),
+                written: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The held head of the device, to write last.
+    pub fn take_head(&self) -> Option<Vec<u8>> {
+        let head = self.inner.head.as_ref()?;
+        Some(std::mem::take(&mut *head.lock().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// Payload bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.inner.written.load(Ordering::Relaxed)
+    }
+
+    pub fn factory(&self) -> BoxStorageFactory {
+        Factory(self.clone()).boxed()
+    }
+
+    /// Reads payload bytes, from the held head or the device.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.io(offset, buf.len(), |dev_off, range, head| match head {
+            Some(h) => {
+                buf[range.clone()].copy_from_slice(&h[dev_off as usize..dev_off as usize + range.len()]);
+                Ok(())
+            }
+            None => self
+                .inner
+                .file
+                .read_exact_at(&mut buf[range.clone()], dev_off)
+                .with_context(|| format!("reading {} bytes at device offset {dev_off}", range.len())),
+        })
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if !self.inner.writable {
+            bail!("the seed's source is read-only");
+        }
+        self.io(offset, buf.len(), |dev_off, range, head| match head {
+            Some(h) => {
+                h[dev_off as usize..dev_off as usize + range.len()].copy_from_slice(&buf[range]);
+                Ok(())
+            }
+            None => self
+                .inner
+                .file
+                .write_all_at(&buf[range.clone()], dev_off)
+                .with_context(|| format!("writing {} bytes at device offset {dev_off}", range.len())),
+        })?;
+        self.inner.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Walks the device segments of a payload range, splitting off the part
+    /// that falls in the held head, and calls `f` for each.
+    fn io(
+        &self,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(u64, std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
+    ) -> Result<()> {
+        let mut guard = self.inner.head.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()));
+        let head_len = guard.as_ref().map_or(0, |h| h.len() as u64);
+        for seg in self.inner.map.segments(offset, len)? {
+            let mut dev = seg.dev_offset;
+            let mut b = seg.buf_offset;
+            let end = seg.buf_offset + seg.len;
+            if dev < head_len {
+                let n = ((head_len - dev) as usize).min(seg.len);
+                f(dev, b..b + n, guard.as_deref_mut().map(|v| v.as_mut_slice()))?;
+                dev += n as u64;
+                b += n;
+            }
+            if b < end {
+                f(dev, b..end, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Factory(DeviceStorage);
+
+impl StorageFactory for Factory {
+    type Storage = DeviceStorage;
+
+    fn create(&self, _: &ManagedTorrentShared, _: &TorrentMetadata) -> Result<DeviceStorage> {
+        Ok(self.0.clone())
+    }
+
+    fn clone_box(&self) -> BoxStorageFactory {
+        Factory(self.0.clone()).boxed()
+    }
+}
+
+impl TorrentStorage for DeviceStorage {
+    fn init(&mut self, _: &ManagedTorrentShared, meta: &TorrentMetadata) -> Result<()> {
+        let lengths: Vec<u64> = meta.info.iter_file_lengths().collect();
+        if lengths != [self.inner.map.len()] {
+            bail!(
+                "the torrent's files {lengths:?} do not match the image's single {}-byte payload",
+                self.inner.map.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn pread_exact(&self, file_id: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if file_id != 0 {
+            bail!("no file {file_id} in a one-file payload");
+        }
+        if self.inner.fresh.load(Ordering::Acquire) {
+            bail!("fresh target: nothing to verify yet");
+        }
+        self.read(offset, buf)
+    }
+
+    fn pwrite_all(&self, file_id: usize, offset: u64, buf: &[u8]) -> Result<()> {
+        if file_id != 0 {
+            bail!("no file {file_id} in a one-file payload");
+        }
+        self.write(offset, buf)
+    }
+
+    fn remove_file(&self, _: usize, _: &Path) -> Result<()> {
+        // A device is never deleted.
+        Ok(())
+    }
+
+    fn remove_directory_if_empty(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    fn ensure_file_length(&self, _: usize, length: u64) -> Result<()> {
+        // Called once the initial check is over: reads are real from now on.
+        self.inner.fresh.store(false, Ordering::Release);
+        if length != self.inner.map.len() {
+            bail!("payload length {length} differs from the image's {}", self.inner.map.len());
+        }
+        Ok(())
+    }
+
+    fn take(&self) -> Result<Box<dyn TorrentStorage>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::extent::Extent;
+
+    #[test]
+    fn writes_only_mapped_bytes_and_holds_the_head() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[0xEE; 4 << 20], 0).unwrap();
+        let map = PayloadMap::new(vec![Extent::new(512, 512), Extent::new((1 << 20) - 100, 200), Extent::new(3 << 20, 100)]).unwrap();
+        let s = DeviceStorage::writer(Arc::new(f.try_clone().unwrap()), map, true);
+        // Fresh: reads fail until the file is sized.
+        let mut b = [0u8; 10];
+        assert!(s.pread_exact(0, 0, &mut b).is_err());
+        s.ensure_file_length(0, 812).unwrap();
+        s.pwrite_all(0, 0, &[1u8; 812]).unwrap();
+        let mut back = [0u8; 812];
+        s.pread_exact(0, 0, &mut back).unwrap();
+        assert_eq!(back, [1u8; 812]);
+        let mut disk = vec![0u8; 4 << 20];
+        f.read_exact_at(&mut disk, 0).unwrap();
+        // Head bytes are not on disk yet; the rest is, and nothing else moved.
+        assert!(disk[..1 << 20].iter().all(|&x| x == 0xEE));
+        assert_eq!(&disk[1 << 20..(1 << 20) + 100], &[1u8; 100]);
+        assert_eq!(&disk[3 << 20..(3 << 20) + 100], &[1u8; 100]);
+        assert!(disk[(1 << 20) + 100..3 << 20].iter().all(|&x| x == 0xEE));
+        let head = s.take_head().unwrap();
+        assert_eq!(&head[512..1024], &[1u8; 512]);
+        assert_eq!(&head[(1 << 20) - 100..], &[1u8; 100]);
+        assert!(head[..512].iter().all(|&x| x == 0));
+        assert!(s.pread_exact(0, 800, &mut [0u8; 13]).is_err(), "past the payload");
+    }
+
+    #[test]
+    fn reader_refuses_writes() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1024).unwrap();
+        let s = DeviceStorage::reader(Arc::new(f), PayloadMap::identity(1024));
+        assert!(s.pwrite_all(0, 0, &[1]).unwrap_err().to_string().contains("read-only"));
+    }
+}

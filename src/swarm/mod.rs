@@ -1,0 +1,122 @@
+//! The one place that talks to librqbit: session setup for seed and agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use librqbit::{AddTorrent, AddTorrentOptions, ListenerOptions, ManagedTorrent, Session, SessionOptions};
+
+use crate::image::Image;
+use crate::storage::DeviceStorage;
+
+#[derive(Debug, Clone, Default)]
+pub struct SwarmConfig {
+    /// Where to accept peers; `None` picks a free port on all addresses.
+    pub listen: Option<SocketAddr>,
+    /// Peers to connect to at once, besides the tracker's.
+    pub peers: Vec<SocketAddr>,
+    /// Replaces the torrent's trackers when not empty.
+    pub trackers: Vec<String>,
+    pub disable_trackers: bool,
+}
+
+pub struct Swarm {
+    pub session: Arc<Session>,
+    pub torrent: Arc<ManagedTorrent>,
+}
+
+/// Progress as the API and the console show it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub down_bps: f64,
+    pub up_bps: f64,
+    pub peers: usize,
+    pub finished: bool,
+}
+
+impl Swarm {
+    pub async fn join(image: &Image, storage: &DeviceStorage, cfg: &SwarmConfig) -> Result<Self> {
+        let listen = cfg.listen.unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
+        let session = Session::new_with_opts(
+            std::env::temp_dir(),
+            SessionOptions {
+                dht: None,
+                persistence: None,
+                fastresume: false,
+                disable_local_service_discovery: true,
+                ipv4_only: listen.is_ipv4(),
+                listen: Some(ListenerOptions {
+                    listen_addr: listen,
+                    ipv4_only: listen.is_ipv4(),
+                    ..Default::default()
+                }),
+                client_name_and_version: Some(concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("starting the BitTorrent session on {listen}"))?;
+        let opts = AddTorrentOptions {
+            overwrite: true,
+            initial_peers: (!cfg.peers.is_empty()).then(|| cfg.peers.clone()),
+            trackers: (!cfg.trackers.is_empty()).then(|| cfg.trackers.clone()),
+            disable_trackers: cfg.disable_trackers,
+            storage_factory: Some(storage.factory()),
+            ..Default::default()
+        };
+        let torrent = session
+            .add_torrent(AddTorrent::from_bytes(image.torrent.clone()), Some(opts))
+            .await
+            .context("adding the image's torrent")?
+            .into_handle()
+            .context("the torrent was not added")?;
+        Ok(Self { session, torrent })
+    }
+
+    /// The address peers reach this session on.
+    pub fn listen_port(&self) -> Option<u16> {
+        self.session.announce_port()
+    }
+
+    pub async fn wait_initialized(&self) -> Result<()> {
+        self.torrent.wait_until_initialized().await
+    }
+
+    pub async fn wait_completed(&self) -> Result<()> {
+        self.torrent.wait_until_completed().await
+    }
+
+    pub fn progress(&self) -> Progress {
+        let s = self.torrent.stats();
+        let live = s.live.as_ref();
+        Progress {
+            done_bytes: s.progress_bytes,
+            total_bytes: s.total_bytes,
+            uploaded_bytes: s.uploaded_bytes,
+            down_bps: live.map_or(0.0, |l| l.download_speed.mbps * MIB),
+            up_bps: live.map_or(0.0, |l| l.upload_speed.mbps * MIB),
+            peers: live.map_or(0, |l| l.snapshot.peer_stats.live as usize),
+            finished: s.finished,
+        }
+    }
+
+    /// Fails if the torrent stopped with an error.
+    pub fn check_error(&self) -> Result<()> {
+        if let Some(e) = self.torrent.stats().error {
+            bail!("swarm: {e}");
+        }
+        Ok(())
+    }
+
+    pub async fn stop(self) {
+        self.session.stop().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// librqbit's "mbps" are MiB per second.
+const MIB: f64 = 1048576.0;
