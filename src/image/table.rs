@@ -235,10 +235,24 @@ pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
     }
     gpt.write_into(&mut vdisk)
         .context("writing the fitted GPT")?;
+    fit_protective_mbr(vdisk.head, disk_size / ss);
     Ok(FittedGpt {
         tail_start: vdisk.tail_start,
         tail: vdisk.tail,
     })
+}
+
+/// A protective MBR (one 0xEE entry) covers the whole disk, capped at 2^32-1 sectors.
+fn fit_protective_mbr(head: &mut [u8], sectors: u64) {
+    if head.len() < 512 || head[510..512] != [0x55, 0xAA] {
+        return;
+    }
+    let types: Vec<u8> = (0..4).map(|i| head[446 + 16 * i + 4]).collect();
+    if types[0] != 0xEE || types[1..].iter().any(|&t| t != 0) {
+        return; // a hybrid MBR is the admin's, not ours to change
+    }
+    let n = (sectors - 1).min(u64::from(u32::MAX)) as u32;
+    head[446 + 12..446 + 16].copy_from_slice(&n.to_le_bytes());
 }
 
 /// A disk of `size` bytes of which only the head and the tail exist in memory.

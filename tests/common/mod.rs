@@ -1,0 +1,213 @@
+//! Helpers for tests that drive the built binary on real disk images.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blockswarm::image::Image;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_blockswarm")
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn sh(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (is the tool installed? run scripts/install-deps)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs blockswarm and returns (success, stderr).
+pub fn bs(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin()).args(args).output().expect("running blockswarm");
+    let mut s = String::from_utf8_lossy(&out.stderr).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stdout));
+    (out.status.success(), s)
+}
+
+pub fn bs_ok(args: &[&str]) -> String {
+    let (ok, out) = bs(args);
+    assert!(ok, "blockswarm {args:?} failed:\n{out}");
+    out
+}
+
+pub fn bs_err(args: &[&str]) -> String {
+    let (ok, out) = bs(args);
+    assert!(!ok, "blockswarm {args:?} should have failed:\n{out}");
+    assert!(!out.contains("panicked"), "blockswarm {args:?} panicked:\n{out}");
+    out
+}
+
+/// Builds a fixture disk (see tests/fixtures/mkdisk).
+pub fn mkdisk(dir: &Path, name: &str, layout: &str, scale_mib: u32) -> PathBuf {
+    let out = dir.join(name);
+    sh(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mkdisk"))
+        .arg(&out)
+        .arg(layout)
+        .env("SCALE", scale_mib.to_string()));
+    out
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A background blockswarm process, killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `blockswarm seed` and waits until it accepts peers.
+pub fn seed(image: &Path, from: Option<&Path>) -> (Proc, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("seed").arg(image).arg("--listen").arg(addr.to_string());
+    if let Some(f) = from {
+        cmd.arg("--from").arg(f);
+    }
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = cmd.stdout(Stdio::null()).stderr(log.reopen().unwrap()).spawn().unwrap();
+    let mut p = Proc(child);
+    let t0 = Instant::now();
+    loop {
+        let mut s = String::new();
+        log.reopen().unwrap().read_to_string(&mut s).unwrap();
+        if s.contains("seeding ") {
+            return (p, addr);
+        }
+        if let Ok(Some(st)) = p.0.try_wait() {
+            panic!("seed exited with {st}:\n{s}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "seed did not start:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub const MARK: u8 = 0xAB;
+
+/// A target file of `size` bytes. With `marked`, it is filled with [`MARK`]
+/// so that bytes the receiver did not write stay visible; otherwise sparse.
+pub fn blank_target(path: &Path, size: u64, marked: bool) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    if marked {
+        let buf = vec![MARK; 1 << 20];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(buf.len() as u64) as usize;
+            f.write_all_at(&buf[..n], off).unwrap();
+            off += n as u64;
+        }
+    }
+}
+
+/// Asserts that outside the image's extents, the first and the last MiB,
+/// every byte of a marked target still holds [`MARK`].
+pub fn assert_untouched_outside(image: &Path, tgt: &Path) {
+    let img = Image::open(image).unwrap();
+    let t = std::fs::File::open(tgt).unwrap();
+    let size = t.metadata().unwrap().len();
+    let mut used: Vec<(u64, u64)> = img.manifest.extents().map(|e| (e.start, e.start + e.len)).collect();
+    used.push((0, 1 << 20));
+    used.push((size - (1 << 20), size));
+    used.sort();
+    let mut pos = 0u64;
+    let mut check = |lo: u64, hi: u64| {
+        let mut off = lo;
+        while off < hi {
+            let n = (hi - off).min(1 << 20) as usize;
+            let mut b = vec![0u8; n];
+            t.read_exact_at(&mut b, off).unwrap();
+            if let Some(i) = b.iter().position(|&x| x != MARK) {
+                panic!("byte {} outside the used extents was written", off + i as u64);
+            }
+            off += n as u64;
+        }
+    };
+    for (lo, hi) in used {
+        if lo > pos {
+            check(pos, lo);
+        }
+        pos = pos.max(hi);
+    }
+    if pos < size {
+        check(pos, size);
+    }
+}
+
+/// Asserts that every used extent of the image is byte-identical on target,
+/// except the byte ranges in `allowed` (which the receiver rewrites).
+pub fn assert_extents_equal(image: &Path, src: &Path, tgt: &Path, allowed: &[(u64, u64)]) {
+    let img = Image::open(image).unwrap();
+    let (s, t) = (std::fs::File::open(src).unwrap(), std::fs::File::open(tgt).unwrap());
+    let mut total = 0u64;
+    for e in img.manifest.extents() {
+        let mut off = e.start;
+        while off < e.start + e.len {
+            let n = (e.start + e.len - off).min(1 << 20) as usize;
+            let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+            s.read_exact_at(&mut a, off).unwrap();
+            t.read_exact_at(&mut b, off).unwrap();
+            for i in 0..n {
+                if a[i] != b[i] {
+                    let at = off + i as u64;
+                    assert!(
+                        allowed.iter().any(|&(lo, hi)| at >= lo && at < hi),
+                        "byte {at} differs: source {:#04x}, target {:#04x}",
+                        a[i],
+                        b[i]
+                    );
+                }
+            }
+            total += n as u64;
+            off += n as u64;
+        }
+    }
+    assert_eq!(total, img.manifest.payload.size);
+}
+
+/// Copies `len` bytes at `off` of `img` into a new file (one partition).
+pub fn extract(img: &Path, off: u64, len: u64, out: &Path) {
+    let src = std::fs::File::open(img).unwrap();
+    let dst = std::fs::File::create(out).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], off + done).unwrap();
+        dst.write_all_at(&buf[..n], done).unwrap();
+        done += n as u64;
+    }
+}
+
+/// Reads a `sha256sum` listing made by mkdisk: (name, hash) pairs.
+pub fn read_sums(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (h, n) = l.split_once("  ").unwrap();
+            (n.trim_start_matches("./").to_string(), h.to_string())
+        })
+        .collect()
+}
+
+pub fn sha256(path: &Path) -> String {
+    let out = sh(Command::new("sha256sum").arg(path));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
