@@ -12,7 +12,14 @@ use common::*;
 const GIB: u64 = 1 << 30;
 
 fn receive(image: &Path, target: &Path, peer: std::net::SocketAddr) {
-    bs_ok(&["receive", image.to_str().unwrap(), "--target", target.to_str().unwrap(), "--peer", &peer.to_string()]);
+    bs_ok(&[
+        "receive",
+        image.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+        "--peer",
+        &peer.to_string(),
+    ]);
 }
 
 /// fsck and file checksums of one partition of `disk`, by file-system type.
@@ -21,7 +28,13 @@ fn check_partition(disk: &Path, sums_dir: &Path, part: &str, fs: &str, start: u6
     let img = dir.path().join("part.img");
     extract(disk, start, size, &img);
     if fs == "swap" {
-        let out = sh(Command::new("blkid").arg("-p").arg("-o").arg("value").arg("-s").arg("TYPE").arg(&img));
+        let out = sh(Command::new("blkid")
+            .arg("-p")
+            .arg("-o")
+            .arg("value")
+            .arg("-s")
+            .arg("TYPE")
+            .arg(&img));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "swap");
         return;
     }
@@ -31,11 +44,20 @@ fn check_partition(disk: &Path, sums_dir: &Path, part: &str, fs: &str, start: u6
     match fs {
         "fat" => {
             sh(Command::new("fsck.vfat").arg("-n").arg(&img));
-            sh(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").arg("-s").arg("-i").arg(&img).arg("::/").arg(&files));
+            sh(Command::new("mcopy")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .arg("-s")
+                .arg("-i")
+                .arg(&img)
+                .arg("::/")
+                .arg(&files));
         }
         "ext" => {
             sh(Command::new("e2fsck").arg("-fn").arg(&img));
-            sh(Command::new("debugfs").arg("-R").arg(format!("rdump / {}", files.display())).arg(&img));
+            sh(Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("rdump / {}", files.display()))
+                .arg(&img));
         }
         "ntfs" => {
             sh(Command::new("ntfsfix").arg("-n").arg(&img));
@@ -47,13 +69,23 @@ fn check_partition(disk: &Path, sums_dir: &Path, part: &str, fs: &str, start: u6
             }
             return;
         }
+        "btrfs" => {
+            sh(Command::new("btrfs")
+                .args(["check", "--readonly"])
+                .arg(&img));
+            sh(Command::new("btrfs").arg("restore").arg(&img).arg(&files));
+        }
         other => panic!("no check for {other}"),
     }
     assert!(!sums.is_empty());
     for (name, hash) in &sums {
         // mcopy of ::/ lands the tree in files/, debugfs rdump as files/<root>.
         let direct = files.join(name);
-        let f = if direct.exists() { direct } else { files.join(".").join(name) };
+        let f = if direct.exists() {
+            direct
+        } else {
+            files.join(".").join(name)
+        };
         assert!(f.exists(), "{part}: {name} is missing on the target");
         assert_eq!(&sha256(&f), hash, "{part}: {name}");
     }
@@ -77,11 +109,25 @@ fn gpt_disk_to_same_size_and_larger_targets() {
     let disk = mkdisk(t, "disk.img", "gpt", 32);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", image.to_str().unwrap(), "--store"]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        image.to_str().unwrap(),
+        "--store",
+    ]);
     let m = Image::open(&image).unwrap().manifest;
-    let kinds: Vec<String> = m.regions.iter().filter_map(|r| r.fs.as_ref().map(|f| f.to_string())).collect();
+    let kinds: Vec<String> = m
+        .regions
+        .iter()
+        .filter_map(|r| r.fs.as_ref().map(|f| f.to_string()))
+        .collect();
     assert_eq!(kinds, ["fat", "ext", "ntfs"]);
-    assert!(m.payload.size < size * 3 / 4, "only used blocks are carried: {} of {size}", m.payload.size);
+    assert!(
+        m.payload.size < size * 3 / 4,
+        "only used blocks are carried: {} of {size}",
+        m.payload.size
+    );
 
     // Same size, seeded from the store file; the target starts marked.
     let same = t.join("same.img");
@@ -122,7 +168,12 @@ fn mbr_disk_with_logical_partitions() {
     let disk = mkdisk(t, "disk.img", "mbr", 16);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", image.to_str().unwrap()]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        image.to_str().unwrap(),
+    ]);
     let m = Image::open(&image).unwrap().manifest;
     let names: Vec<&str> = m.regions.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["boot", "p1", "ebr5", "p5", "ebr6", "p6"]);
@@ -140,7 +191,13 @@ fn mbr_disk_with_logical_partitions() {
     check_target(&image, &disk, &tgt);
     let l = sh(Command::new("sfdisk").arg("-d").arg(&tgt));
     let l0 = sh(Command::new("sfdisk").arg("-d").arg(&disk));
-    let strip = |o: &[u8]| String::from_utf8_lossy(o).lines().filter(|l| l.contains("start=")).map(|l| l.split_once(':').unwrap().1.to_string()).collect::<Vec<_>>();
+    let strip = |o: &[u8]| {
+        String::from_utf8_lossy(o)
+            .lines()
+            .filter(|l| l.contains("start="))
+            .map(|l| l.split_once(':').unwrap().1.to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(strip(&l.stdout), strip(&l0.stdout));
     assert_eq!(strip(&l.stdout).len(), 4);
 }
@@ -152,7 +209,13 @@ fn bare_ext4_without_partition_table() {
     let disk = mkdisk(t, "disk.img", "bare", 48);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", image.to_str().unwrap(), "--store"]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        image.to_str().unwrap(),
+        "--store",
+    ]);
     let m = Image::open(&image).unwrap().manifest;
     assert_eq!(m.regions.len(), 1);
     assert_eq!(m.regions[0].fs.as_ref().unwrap().to_string(), "ext");
@@ -165,4 +228,47 @@ fn bare_ext4_without_partition_table() {
     assert_extents_equal(&image, &disk, &tgt, &[]);
     assert_untouched_outside(&image, &tgt);
     check_target(&image, &disk, &tgt);
+}
+
+#[test]
+fn other_file_systems_through_partclone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let disk = mkdisk(t, "disk.img", "other", 32);
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let image = t.join("image");
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        image.to_str().unwrap(),
+    ]);
+    let m = Image::open(&image).unwrap().manifest;
+    let (bt, raw) = (&m.regions[1], &m.regions[2]);
+    assert_eq!(bt.fs.as_ref().unwrap().to_string(), "btrfs");
+    assert!(
+        bt.warning.is_none() && bt.used_bytes < bt.len / 2,
+        "btrfs is mapped: {} of {}",
+        bt.used_bytes,
+        bt.len
+    );
+    assert_eq!(raw.used_bytes, raw.len, "unknown data is carried whole");
+    assert!(raw.warning.as_deref().unwrap().contains("whole"));
+
+    let tgt = t.join("tgt.img");
+    blank_target(&tgt, size, true);
+    {
+        let (_seed, addr) = seed(&image, Some(&disk));
+        receive(&image, &tgt, addr);
+    }
+    assert_extents_equal(&image, &disk, &tgt, &[]);
+    assert_untouched_outside(&image, &tgt);
+    check_partition(
+        &tgt,
+        &disk.with_extension("img.files"),
+        "p1",
+        "btrfs",
+        bt.start,
+        bt.len,
+    );
 }
