@@ -74,11 +74,9 @@ pub fn used_extents(dev: &DevSlice) -> Result<Vec<Extent>> {
     while b0 < fs.desc_blocks {
         let b1 = (b0 + per_read).min(fs.desc_blocks);
         let locs = (b0..b1)
-            .map(|b| fs.desc_block_loc(b))
+            .map(|b| Ok((b, fs.desc_block_loc(b)?)))
             .collect::<Result<Vec<_>>>()?;
-        read_blocks(dev, bs, &locs, &mut dbuf, |i| {
-            format!("group descriptor block {}", b0 + i as u64)
-        })?;
+        read_blocks(dev, bs, &locs, &mut dbuf, "group descriptor block")?;
         let g0 = b0 * fs.desc_per_block;
         let g1 = (b1 * fs.desc_per_block).min(fs.groups);
         let descs = (g0..g1)
@@ -88,19 +86,12 @@ pub fn used_extents(dev: &DevSlice) -> Result<Vec<Extent>> {
 
         for (c, chunk) in descs.chunks(per_read as usize).enumerate() {
             let gc = g0 + c as u64 * per_read;
-            let need: Vec<u64> = chunk
-                .iter()
-                .filter(|d| !d.skip_bitmap)
-                .map(|d| d.bb)
-                .collect();
-            let groups: Vec<u64> = (gc..)
+            let need: Vec<(u64, u64)> = (gc..)
                 .zip(chunk)
                 .filter(|(_, d)| !d.skip_bitmap)
-                .map(|(g, _)| g)
+                .map(|(g, d)| (g, d.bb))
                 .collect();
-            read_blocks(dev, bs, &need, &mut bbuf, |i| {
-                format!("block bitmap of group {}", groups[i])
-            })?;
+            read_blocks(dev, bs, &need, &mut bbuf, "the block bitmap of group")?;
             let mut maps = bbuf.chunks_exact(bs as usize);
             for (g, d) in (gc..).zip(chunk) {
                 if d.uninit {
@@ -123,25 +114,26 @@ pub fn used_extents(dev: &DevSlice) -> Result<Vec<Extent>> {
     Ok(used.into_vec())
 }
 
-/// Reads one block per entry of `locs` into `buf`, one read per run of
-/// consecutive blocks. `name(i)` describes entry `i` for errors.
+/// Reads the blocks of `(id, block)` entries into `buf`, one per entry, with
+/// one read per run of consecutive blocks; `what` and `id` name them in errors.
 fn read_blocks(
     dev: &DevSlice,
     bs: u64,
-    locs: &[u64],
+    locs: &[(u64, u64)],
     buf: &mut Vec<u8>,
-    name: impl Fn(usize) -> String,
+    what: &str,
 ) -> Result<()> {
     let bsz = bs as usize;
     buf.resize(locs.len() * bsz, 0);
     let mut i = 0;
     while i < locs.len() {
+        let (id, at) = locs[i];
         let mut j = i + 1;
-        while j < locs.len() && locs[j] == locs[j - 1] + 1 {
+        while j < locs.len() && locs[j].1 == locs[j - 1].1 + 1 {
             j += 1;
         }
-        dev.read_at(locs[i] * bs, &mut buf[i * bsz..j * bsz])
-            .with_context(|| format!("ext: reading {} at block {}", name(i), locs[i]))?;
+        dev.read_at(at * bs, &mut buf[i * bsz..j * bsz])
+            .with_context(|| format!("ext: reading {what} {id} at block {at}"))?;
         i = j;
     }
     Ok(())
@@ -234,7 +226,7 @@ impl Layout {
         let is64 = incompat & INCOMPAT_64BIT != 0;
         let hi = if is64 { u64::from(le32(sb, 0x150)) } else { 0 };
         let blocks = u64::from(le32(sb, 0x4)) | hi << 32;
-        if !blocks.checked_mul(bs).is_some_and(|size| size <= dev_len) {
+        if blocks.checked_mul(bs).is_none_or(|size| size > dev_len) {
             bail!(
                 "ext: the file system has {blocks} blocks of {bs} bytes but its region is only \
                  {dev_len} bytes (truncated image?)"
@@ -296,6 +288,11 @@ impl Layout {
         );
         let groups = (blocks - first_data).div_ceil(bpg);
         ensure!(groups <= 1 << 32, "ext: {groups} block groups is too many");
+        let inodes = u64::from(le32(sb, 0x0));
+        ensure!(
+            groups * ipg == inodes,
+            "ext: {groups} groups of {ipg} inodes do not make the {inodes} inodes counted"
+        );
         let desc_per_block = bs / desc_size;
         let desc_blocks = groups.div_ceil(desc_per_block);
         let meta_bg = incompat & INCOMPAT_META_BG != 0;
@@ -344,7 +341,7 @@ impl Layout {
     /// Whether group `g` holds a superblock (primary or backup).
     fn has_super(&self, g: u64) -> bool {
         let power_of = |mut n: u64, b: u64| {
-            while n % b == 0 && n > 1 {
+            while n > 1 && n.is_multiple_of(b) {
                 n /= b;
             }
             n == 1
