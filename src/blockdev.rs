@@ -44,8 +44,9 @@ impl Dev {
         if self.is_block() {
             use std::os::fd::AsRawFd;
             // SAFETY: BLKRRPART takes no argument; the fd is open for the call.
-            unsafe { blkrrpart(self.file.as_raw_fd()) }
-                .with_context(|| format!("re-reading the partition table of {}", self.path.display()))?;
+            unsafe { blkrrpart(self.file.as_raw_fd()) }.with_context(|| {
+                format!("re-reading the partition table of {}", self.path.display())
+            })?;
         }
         Ok(())
     }
@@ -55,7 +56,10 @@ fn open(path: &Path, write: bool) -> Result<Dev> {
     let md = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
     let block = md.file_type().is_block_device();
     if !block && !md.is_file() {
-        bail!("{} is neither a block device nor a regular file", path.display());
+        bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        );
     }
     let mut oo = OpenOptions::new();
     oo.read(true).write(write);
@@ -115,7 +119,12 @@ pub fn open_target(path: &Path) -> Result<Dev> {
     let dev = open(path, true)?;
     let m = mounts(&dev)?;
     if let Some(m) = m.first() {
-        bail!("{} is mounted at {} ({})", dev.path.display(), m.mountpoint, m.device);
+        bail!(
+            "{} is mounted at {} ({})",
+            dev.path.display(),
+            m.mountpoint,
+            m.device
+        );
     }
     Ok(dev)
 }
@@ -161,7 +170,8 @@ pub fn mounts(dev: &Dev) -> Result<Vec<Mount>> {
             }
         }
     }
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mut out = Vec::new();
     for line in info.lines() {
         let f: Vec<&str> = line.split(' ').collect();
@@ -177,5 +187,9 @@ pub fn mounts(dev: &Dev) -> Result<Vec<Mount>> {
 }
 
 fn majmin(rdev: u64) -> String {
-    format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev))
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    )
 }

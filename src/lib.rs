@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod blockdev;
 pub mod image;
+pub mod protocol;
 pub mod server;
 pub mod storage;
 pub mod swarm;

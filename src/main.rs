@@ -14,7 +14,11 @@ use blockswarm::server::seed::seed;
 use blockswarm::swarm::SwarmConfig;
 
 #[derive(Parser)]
-#[command(name = "blockswarm", version, about = "Re-image rooms of PCs over a swarm of used file-system blocks")]
+#[command(
+    name = "blockswarm",
+    version,
+    about = "Re-image rooms of PCs over a swarm of used file-system blocks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -75,8 +79,9 @@ enum Cmd {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,librqbit=warn,librqbit_core=warn,librqbit_tracker_comms=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,librqbit=warn,librqbit_core=warn,librqbit_tracker_comms=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -113,7 +118,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", m.payload.info_hash);
             Ok(())
         }
-        Cmd::Seed { image, from, listen } => runtime()?.block_on(async {
+        Cmd::Seed {
+            image,
+            from,
+            listen,
+        } => runtime()?.block_on(async {
             let image = Image::open(&image)?;
             let cfg = SwarmConfig {
                 listen: Some(listen),
@@ -155,5 +164,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

@@ -76,7 +76,9 @@ impl DeviceStorage {
     /// The held head of the device, to write last.
     pub fn take_head(&self) -> Option<Vec<u8>> {
         let head = self.inner.head.as_ref()?;
-        Some(std::mem::take(&mut *head.lock().unwrap_or_else(|e| e.into_inner())))
+        Some(std::mem::take(
+            &mut *head.lock().unwrap_or_else(|e| e.into_inner()),
+        ))
     }
 
     /// Payload bytes written so far.
@@ -92,14 +94,17 @@ impl DeviceStorage {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.io(offset, buf.len(), |dev_off, range, head| match head {
             Some(h) => {
-                buf[range.clone()].copy_from_slice(&h[dev_off as usize..dev_off as usize + range.len()]);
+                buf[range.clone()]
+                    .copy_from_slice(&h[dev_off as usize..dev_off as usize + range.len()]);
                 Ok(())
             }
             None => self
                 .inner
                 .file
                 .read_exact_at(&mut buf[range.clone()], dev_off)
-                .with_context(|| format!("reading {} bytes at device offset {dev_off}", range.len())),
+                .with_context(|| {
+                    format!("reading {} bytes at device offset {dev_off}", range.len())
+                }),
         })
     }
 
@@ -116,9 +121,13 @@ impl DeviceStorage {
                 .inner
                 .file
                 .write_all_at(&buf[range.clone()], dev_off)
-                .with_context(|| format!("writing {} bytes at device offset {dev_off}", range.len())),
+                .with_context(|| {
+                    format!("writing {} bytes at device offset {dev_off}", range.len())
+                }),
         })?;
-        self.inner.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner
+            .written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -130,7 +139,11 @@ impl DeviceStorage {
         len: usize,
         mut f: impl FnMut(u64, std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
     ) -> Result<()> {
-        let mut guard = self.inner.head.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut guard = self
+            .inner
+            .head
+            .as_ref()
+            .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()));
         let head_len = guard.as_ref().map_or(0, |h| h.len() as u64);
         for seg in self.inner.map.segments(offset, len)? {
             let mut dev = seg.dev_offset;
@@ -138,7 +151,11 @@ impl DeviceStorage {
             let end = seg.buf_offset + seg.len;
             if dev < head_len {
                 let n = ((head_len - dev) as usize).min(seg.len);
-                f(dev, b..b + n, guard.as_deref_mut().map(|v| v.as_mut_slice()))?;
+                f(
+                    dev,
+                    b..b + n,
+                    guard.as_deref_mut().map(|v| v.as_mut_slice()),
+                )?;
                 dev += n as u64;
                 b += n;
             }
@@ -206,7 +223,10 @@ impl TorrentStorage for DeviceStorage {
         // Called once the initial check is over: reads are real from now on.
         self.inner.fresh.store(false, Ordering::Release);
         if length != self.inner.map.len() {
-            bail!("payload length {length} differs from the image's {}", self.inner.map.len());
+            bail!(
+                "payload length {length} differs from the image's {}",
+                self.inner.map.len()
+            );
         }
         Ok(())
     }
@@ -226,7 +246,12 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(4 << 20).unwrap();
         f.write_all_at(&[0xEE; 4 << 20], 0).unwrap();
-        let map = PayloadMap::new(vec![Extent::new(512, 512), Extent::new((1 << 20) - 100, 200), Extent::new(3 << 20, 100)]).unwrap();
+        let map = PayloadMap::new(vec![
+            Extent::new(512, 512),
+            Extent::new((1 << 20) - 100, 200),
+            Extent::new(3 << 20, 100),
+        ])
+        .unwrap();
         let s = DeviceStorage::writer(Arc::new(f.try_clone().unwrap()), map, true);
         // Fresh: reads fail until the file is sized.
         let mut b = [0u8; 10];
@@ -247,7 +272,10 @@ mod tests {
         assert_eq!(&head[512..1024], &[1u8; 512]);
         assert_eq!(&head[(1 << 20) - 100..], &[1u8; 100]);
         assert!(head[..512].iter().all(|&x| x == 0));
-        assert!(s.pread_exact(0, 800, &mut [0u8; 13]).is_err(), "past the payload");
+        assert!(
+            s.pread_exact(0, 800, &mut [0u8; 13]).is_err(),
+            "past the payload"
+        );
     }
 
     #[test]
@@ -255,6 +283,11 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(1024).unwrap();
         let s = DeviceStorage::reader(Arc::new(f), PayloadMap::identity(1024));
-        assert!(s.pwrite_all(0, 0, &[1]).unwrap_err().to_string().contains("read-only"));
+        assert!(
+            s.pwrite_all(0, 0, &[1])
+                .unwrap_err()
+                .to_string()
+                .contains("read-only")
+        );
     }
 }

@@ -10,7 +10,12 @@ use std::process::Command;
 use common::*;
 
 fn capture(src: &Path, out: &Path) -> (bool, String) {
-    bs(&["capture", src.to_str().unwrap(), "--out", out.to_str().unwrap()])
+    bs(&[
+        "capture",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
 }
 
 fn poke(path: &Path, off: u64, bytes: &[u8]) {
@@ -20,7 +25,11 @@ fn poke(path: &Path, off: u64, bytes: &[u8]) {
 
 fn assert_marked(path: &Path) {
     let data = std::fs::read(path).unwrap();
-    assert!(data.iter().all(|&b| b == MARK), "{} was written to", path.display());
+    assert!(
+        data.iter().all(|&b| b == MARK),
+        "{} was written to",
+        path.display()
+    );
 }
 
 #[test]
@@ -31,7 +40,10 @@ fn corrupt_ext4_superblock() {
     poke(&disk, 1024 + 24, &30u32.to_le_bytes());
     let (ok, out) = capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
-    assert!(out.to_lowercase().contains("ext") && out.contains("block size"), "{out}");
+    assert!(
+        out.to_lowercase().contains("ext") && out.contains("block size"),
+        "{out}"
+    );
     assert!(!t.path().join("img/manifest.json").exists());
 }
 
@@ -43,7 +55,10 @@ fn corrupt_fat_boot_sector() {
     poke(&disk, (1 << 20) + 13, &[3]);
     let (ok, out) = capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
-    assert!(out.contains("partition 1") && out.to_lowercase().contains("fat"), "{out}");
+    assert!(
+        out.contains("partition 1") && out.to_lowercase().contains("fat"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -53,7 +68,15 @@ fn corrupt_ntfs_mft() {
     // The NTFS partition is p3; find its MFT from the boot sector and zero it.
     let layout = sh(Command::new("sgdisk").arg("-i").arg("3").arg(&disk));
     let text = String::from_utf8_lossy(&layout.stdout);
-    let first: u64 = text.lines().find(|l| l.starts_with("First sector")).unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
+    let first: u64 = text
+        .lines()
+        .find(|l| l.starts_with("First sector"))
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
     let start = first * 512;
     let f = std::fs::File::open(&disk).unwrap();
     let mut bs_ = [0u8; 512];
@@ -71,7 +94,12 @@ fn truncated_disk_image() {
     let t = tempfile::tempdir().unwrap();
     let disk = mkdisk(t.path(), "d.img", "gpt", 16);
     let len = std::fs::metadata(&disk).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let (ok, out) = capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
     assert!(out.contains("past the end"), "{out}");
@@ -83,7 +111,11 @@ fn source_mounted_read_write_is_refused_unless_forced() {
     let disk = mkdisk(t.path(), "d.img", "bare", 16);
     let mnt = t.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    sh(Command::new("mount").arg("-o").arg("loop,rw").arg(&disk).arg(&mnt));
+    sh(Command::new("mount")
+        .arg("-o")
+        .arg("loop,rw")
+        .arg(&disk)
+        .arg(&mnt));
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -93,21 +125,47 @@ fn source_mounted_read_write_is_refused_unless_forced() {
     let _u = Unmount(&mnt);
     let (ok, out) = capture(&disk, &t.path().join("img"));
     assert!(!ok, "{out}");
-    assert!(out.contains("mounted read-write") && out.contains(mnt.to_str().unwrap()), "{out}");
+    assert!(
+        out.contains("mounted read-write") && out.contains(mnt.to_str().unwrap()),
+        "{out}"
+    );
     // --force passes the mount check; the ext4 parser then still refuses a
     // journal that needs recovery, since its bitmaps may be stale.
-    let (ok, out) = bs(&["capture", disk.to_str().unwrap(), "--out", t.path().join("img2").to_str().unwrap(), "--force"]);
-    assert!(!ok && !out.contains("mounted read-write") && out.contains("journal needs recovery"), "{out}");
+    let (ok, out) = bs(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        t.path().join("img2").to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(
+        !ok && !out.contains("mounted read-write") && out.contains("journal needs recovery"),
+        "{out}"
+    );
     // Read-only is fine.
     sh(Command::new("mount").arg("-o").arg("remount,ro").arg(&mnt));
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", t.path().join("img3").to_str().unwrap()]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        t.path().join("img3").to_str().unwrap(),
+    ]);
 }
 
 /// An image and a marked target, for the receive-side cases.
-fn image_and_target(t: &Path, target_size: Option<u64>) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn image_and_target(
+    t: &Path,
+    target_size: Option<u64>,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let disk = mkdisk(t, "d.img", "bare", 16);
     let image = t.join("img");
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", image.to_str().unwrap(), "--store"]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        image.to_str().unwrap(),
+        "--store",
+    ]);
     let tgt = t.join("tgt.img");
     let size = target_size.unwrap_or_else(|| std::fs::metadata(&disk).unwrap().len());
     blank_target(&tgt, size, true);
@@ -115,7 +173,14 @@ fn image_and_target(t: &Path, target_size: Option<u64>) -> (std::path::PathBuf, 
 }
 
 fn receive_err(image: &Path, target: &Path) -> String {
-    bs_err(&["receive", image.to_str().unwrap(), "--target", target.to_str().unwrap(), "--peer", "127.0.0.1:9"])
+    bs_err(&[
+        "receive",
+        image.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+        "--peer",
+        "127.0.0.1:9",
+    ])
 }
 
 #[test]
@@ -158,10 +223,18 @@ fn manifest_that_does_not_match_the_torrent() {
     // Another image's torrent in this image's directory.
     let other_disk = mkdisk(t.path(), "o.img", "bare", 16);
     let other = t.path().join("other");
-    bs_ok(&["capture", other_disk.to_str().unwrap(), "--out", other.to_str().unwrap()]);
+    bs_ok(&[
+        "capture",
+        other_disk.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+    ]);
     std::fs::copy(other.join("image.torrent"), image.join("image.torrent")).unwrap();
     let out = receive_err(&image, &tgt);
-    assert!(out.contains("does not match") && out.contains("info hash"), "{out}");
+    assert!(
+        out.contains("does not match") && out.contains("info hash"),
+        "{out}"
+    );
     assert_marked(&tgt);
 }
 
@@ -174,9 +247,15 @@ fn corrupt_manifest_and_torrent() {
     // Truncated manifest.
     std::fs::write(&mpath, &good[..good.len() / 2]).unwrap();
     let out = receive_err(&image, &tgt);
-    assert!(out.contains("manifest.json is not a valid manifest"), "{out}");
+    assert!(
+        out.contains("manifest.json is not a valid manifest"),
+        "{out}"
+    );
     // A manifest whose extents do not add up to the payload.
-    let text = String::from_utf8(good.clone()).unwrap().replacen("\"used_bytes\":", "\"used_bytes\":1", 1);
+    let text =
+        String::from_utf8(good.clone())
+            .unwrap()
+            .replacen("\"used_bytes\":", "\"used_bytes\":1", 1);
     std::fs::write(&mpath, text).unwrap();
     let out = receive_err(&image, &tgt);
     assert!(out.contains("add up to"), "{out}");

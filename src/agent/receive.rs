@@ -27,7 +27,11 @@ pub async fn receive(opts: ReceiveOptions<'_>) -> Result<Swarm> {
     write::check_target(&dev, &image)?;
     let map = image.manifest.payload_map()?;
     if map.device_end() > dev.size {
-        bail!("the image's blocks reach byte {}, past the end of {}", map.device_end(), dev.path.display());
+        bail!(
+            "the image's blocks reach byte {}, past the end of {}",
+            map.device_end(),
+            dev.path.display()
+        );
     }
     write::wipe_ends(&dev)?;
     let storage = DeviceStorage::writer(Arc::new(dev.file.try_clone()?), map, true);
@@ -50,14 +54,14 @@ pub async fn receive(opts: ReceiveOptions<'_>) -> Result<Swarm> {
 /// Waits for the download, logging progress once a second.
 async fn watch_progress(swarm: &Swarm) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let done = swarm.wait_completed();
+    let done = swarm.torrent.wait_completed();
     tokio::pin!(done);
     loop {
         tokio::select! {
             r = &mut done => return r,
             _ = tick.tick() => {
-                swarm.check_error()?;
-                let p = swarm.progress();
+                swarm.torrent.check_error()?;
+                let p = swarm.torrent.progress();
                 info!(
                     "{} of {} ({:.0}%), {}/s down, {}/s up, {} peers",
                     human_bytes(p.done_bytes), human_bytes(p.total_bytes),

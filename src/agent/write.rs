@@ -15,7 +15,10 @@ use crate::util::human_bytes;
 pub fn check_target(dev: &Dev, image: &Image) -> Result<()> {
     let m = &image.manifest;
     if dev.same_as(&image.store_path()) || dev.same_as(std::path::Path::new(&m.source)) {
-        bail!("{} is the image's own source: refusing to write to it", dev.path.display());
+        bail!(
+            "{} is the image's own source: refusing to write to it",
+            dev.path.display()
+        );
     }
     if dev.same_as(&image.dir.join(crate::image::manifest::MANIFEST_FILE)) {
         bail!("{} is the image's manifest", dev.path.display());
@@ -46,7 +49,9 @@ pub fn check_target(dev: &Dev, image: &Image) -> Result<()> {
 pub fn wipe_ends(dev: &Dev) -> Result<()> {
     let n = HEAD_LEN.min(dev.size);
     let zeros = vec![0u8; n as usize];
-    dev.file.write_all_at(&zeros, 0).context("wiping the start of the target")?;
+    dev.file
+        .write_all_at(&zeros, 0)
+        .context("wiping the start of the target")?;
     dev.file
         .write_all_at(&zeros, dev.size - n)
         .context("wiping the end of the target")?;
@@ -67,7 +72,9 @@ pub fn finish(dev: &Dev, image: &Image, mut head: Vec<u8>) -> Result<()> {
         dev.file.sync_data().context("flushing the backup GPT")?;
         info!("GPT fitted to {} ({} bytes)", dev.path.display(), dev.size);
     }
-    dev.file.write_all_at(&head, 0).context("writing the boot area")?;
+    dev.file
+        .write_all_at(&head, 0)
+        .context("writing the boot area")?;
     dev.file.sync_all().context("flushing the boot area")?;
     dev.reread_partitions()
 }

@@ -77,7 +77,12 @@ fn fs_region(name: String, partition: Option<u32>, dev: &DevSlice) -> Result<Reg
     if let Some(e) = map.extents.last()
         && e.end() > dev.len()
     {
-        bail!("{name}: the {} map reaches byte {}, past the region's {} bytes", map.kind, e.end(), dev.len());
+        bail!(
+            "{name}: the {} map reaches byte {}, past the region's {} bytes",
+            map.kind,
+            e.end(),
+            dev.len()
+        );
     }
     Ok(Region {
         name,
@@ -106,15 +111,24 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
     }
     let manifest_path = opts.out.join(manifest::MANIFEST_FILE);
     if manifest_path.exists() {
-        bail!("{} already holds an image; remove it or choose another --out", opts.out.display());
+        bail!(
+            "{} already holds an image; remove it or choose another --out",
+            opts.out.display()
+        );
     }
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
 
     let (table, regions) = map_disk(&dev)?;
     let map_time = t0.elapsed();
-    let extents: Vec<Extent> = regions.iter().flat_map(|r| r.extents.iter().copied()).collect();
+    let extents: Vec<Extent> = regions
+        .iter()
+        .flat_map(|r| r.extents.iter().copied())
+        .collect();
     let map = super::map::PayloadMap::new(extents)?;
-    let piece_length = opts.piece_length.unwrap_or_else(|| torrent::default_piece_length(map.len()));
+    let piece_length = opts
+        .piece_length
+        .unwrap_or_else(|| torrent::default_piece_length(map.len()));
     if piece_length < 16384 || !piece_length.is_power_of_two() {
         bail!("--piece-length {piece_length} must be a power of two of at least 16384");
     }
@@ -130,19 +144,27 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
 
     let store_tmp = opts.out.join(format!("{PAYLOAD_FILE}.partial"));
     let store = if opts.store {
-        let f = std::fs::File::create(&store_tmp).with_context(|| format!("creating {}", store_tmp.display()))?;
+        let f = std::fs::File::create(&store_tmp)
+            .with_context(|| format!("creating {}", store_tmp.display()))?;
         f.set_len(map.len())?;
         Some(f)
     } else {
         None
     };
-    let pieces = torrent::hash_payload(&dev.file, &map, piece_length, store.as_ref(), &|_| {})
+    let read = torrent::device_reader(&dev.file, &map);
+    let pieces = torrent::hash_payload(&read, map.len(), piece_length, store.as_ref(), &|_| {})
         .with_context(|| format!("reading the used blocks of {}", opts.source.display()))?;
     if let Some(f) = store {
         f.sync_all()?;
         std::fs::rename(&store_tmp, opts.out.join(PAYLOAD_FILE))?;
     }
-    let built = torrent::build(PAYLOAD_FILE, map.len(), piece_length, pieces, &opts.trackers)?;
+    let built = torrent::build(
+        PAYLOAD_FILE,
+        map.len(),
+        piece_length,
+        pieces,
+        &opts.trackers,
+    )?;
 
     let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.out));
     let m = Manifest {
@@ -167,7 +189,8 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
             stored: opts.store,
         },
     };
-    m.validate().context("the new manifest is inconsistent (a bug)")?;
+    m.validate()
+        .context("the new manifest is inconsistent (a bug)")?;
     crate::util::write_atomic(&opts.out.join(manifest::TORRENT_FILE), &built.bytes)?;
     // The manifest last: its presence marks a complete image.
     m.save(&manifest_path)?;

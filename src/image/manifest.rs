@@ -103,10 +103,12 @@ fn de_flat<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Extent>, D::Error> {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a valid manifest", path.display()))?;
-        m.validate()
-            .with_context(|| format!("{} is inconsistent", path.display()))?;
+        Self::parse(&bytes).with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let m: Manifest = serde_json::from_slice(bytes).context("not a valid manifest")?;
+        m.validate().context("inconsistent manifest")?;
         Ok(m)
     }
 
@@ -140,7 +142,11 @@ impl Manifest {
             bail!("sector size {} is invalid", disk.sector_size);
         }
         if disk.min_target_size > disk.size {
-            bail!("min_target_size {} exceeds the disk size {}", disk.min_target_size, disk.size);
+            bail!(
+                "min_target_size {} exceeds the disk size {}",
+                disk.min_target_size,
+                disk.size
+            );
         }
         let mut prev_end = 0u64;
         let mut total = 0u64;
@@ -149,34 +155,60 @@ impl Manifest {
                 bail!("region {} overflows", r.name);
             };
             if rend > disk.size {
-                bail!("region {} ends at {rend}, past the disk's {} bytes", r.name, disk.size);
+                bail!(
+                    "region {} ends at {rend}, past the disk's {} bytes",
+                    r.name,
+                    disk.size
+                );
             }
             let mut used = 0u64;
             for e in &r.extents {
                 let end = e.start.checked_add(e.len);
                 if e.len == 0 || e.start < r.start || end.is_none_or(|end| end > rend) {
-                    bail!("region {}: extent {}+{} lies outside the region", r.name, e.start, e.len);
+                    bail!(
+                        "region {}: extent {}+{} lies outside the region",
+                        r.name,
+                        e.start,
+                        e.len
+                    );
                 }
                 if e.start < prev_end {
-                    bail!("region {}: extent at {} is out of order or overlaps", r.name, e.start);
+                    bail!(
+                        "region {}: extent at {} is out of order or overlaps",
+                        r.name,
+                        e.start
+                    );
                 }
                 prev_end = e.start + e.len;
                 used += e.len;
             }
             if used != r.used_bytes {
-                bail!("region {}: extents add up to {used} bytes, not {}", r.name, r.used_bytes);
+                bail!(
+                    "region {}: extents add up to {used} bytes, not {}",
+                    r.name,
+                    r.used_bytes
+                );
             }
             total += used;
         }
         let p = &self.payload;
         if total != p.size {
-            bail!("extents add up to {total} bytes but the payload is {} bytes", p.size);
+            bail!(
+                "extents add up to {total} bytes but the payload is {} bytes",
+                p.size
+            );
         }
         if p.piece_length < 16384 || !p.piece_length.is_power_of_two() {
-            bail!("piece length {} is not a power of two of at least 16 KiB", p.piece_length);
+            bail!(
+                "piece length {} is not a power of two of at least 16 KiB",
+                p.piece_length
+            );
         }
         if p.piece_count != p.size.div_ceil(u64::from(p.piece_length)) {
-            bail!("piece count {} does not match the payload size", p.piece_count);
+            bail!(
+                "piece count {} does not match the payload size",
+                p.piece_count
+            );
         }
         if p.file.is_empty() || p.file.contains('/') || p.file.starts_with('.') {
             bail!("payload file name {:?} is not a plain file name", p.file);
@@ -248,7 +280,12 @@ mod tests {
         assert!(m.validate().unwrap_err().to_string().contains("overlaps"));
         let mut m = sample();
         m.version = 99;
-        assert!(m.validate().unwrap_err().to_string().contains("not supported"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not supported")
+        );
         let mut m = sample();
         m.payload.file = "../etc/passwd".into();
         assert!(m.validate().is_err());
@@ -260,7 +297,9 @@ mod tests {
         m.disk.size = 1 << 40;
         m.disk.min_target_size = 1 << 40;
         m.regions[0].len = 1 << 40;
-        m.regions[0].extents = (0..500_000u64).map(|i| Extent::new(i * 1_048_576, 4096)).collect();
+        m.regions[0].extents = (0..500_000u64)
+            .map(|i| Extent::new(i * 1_048_576, 4096))
+            .collect();
         m.regions[0].used_bytes = 500_000 * 4096;
         m.payload.size = 500_000 * 4096;
         m.payload.piece_count = m.payload.size.div_ceil(16384);
@@ -272,6 +311,9 @@ mod tests {
         back.payload_map().unwrap();
         let took = t.elapsed();
         // Debug builds are ~10x slower than release; the bar is 1 s in release.
-        assert!(took.as_secs_f64() < if cfg!(debug_assertions) { 5.0 } else { 1.0 }, "{took:?}");
+        assert!(
+            took.as_secs_f64() < if cfg!(debug_assertions) { 5.0 } else { 1.0 },
+            "{took:?}"
+        );
     }
 }

@@ -35,7 +35,10 @@ impl PayloadMap {
                 bail!("extent {i} is empty");
             }
             if i > 0 && e.start < prev_end {
-                bail!("extent {i} at byte {} overlaps or precedes the one before it", e.start);
+                bail!(
+                    "extent {i} at byte {} overlaps or precedes the one before it",
+                    e.start
+                );
             }
             let Some(end) = e.start.checked_add(e.len) else {
                 bail!("extent {i} overflows");
@@ -130,15 +133,32 @@ mod tests {
 
     #[test]
     fn maps_across_extents() {
-        let m = PayloadMap::new(vec![Extent::new(100, 10), Extent::new(200, 5), Extent::new(300, 20)]).unwrap();
+        let m = PayloadMap::new(vec![
+            Extent::new(100, 10),
+            Extent::new(200, 5),
+            Extent::new(300, 20),
+        ])
+        .unwrap();
         assert_eq!(m.len(), 35);
         let s: Vec<_> = m.segments(8, 10).unwrap().collect();
         assert_eq!(
             s,
             vec![
-                Segment { dev_offset: 108, buf_offset: 0, len: 2 },
-                Segment { dev_offset: 200, buf_offset: 2, len: 5 },
-                Segment { dev_offset: 300, buf_offset: 7, len: 3 },
+                Segment {
+                    dev_offset: 108,
+                    buf_offset: 0,
+                    len: 2
+                },
+                Segment {
+                    dev_offset: 200,
+                    buf_offset: 2,
+                    len: 5
+                },
+                Segment {
+                    dev_offset: 300,
+                    buf_offset: 7,
+                    len: 3
+                },
             ]
         );
         assert!(m.segments(30, 6).is_err());

@@ -5,8 +5,8 @@ pub mod extent;
 pub mod fs;
 pub mod manifest;
 pub mod map;
-pub mod torrent;
 pub mod table;
+pub mod torrent;
 
 use std::path::{Path, PathBuf};
 
@@ -24,10 +24,25 @@ impl Image {
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest = manifest::Manifest::load(&dir.join(manifest::MANIFEST_FILE))?;
         let tpath = dir.join(manifest::TORRENT_FILE);
-        let torrent = std::fs::read(&tpath).with_context(|| format!("reading {}", tpath.display()))?;
-        torrent::check(&torrent, &manifest).with_context(|| format!("{} does not match its manifest", tpath.display()))?;
+        let torrent =
+            std::fs::read(&tpath).with_context(|| format!("reading {}", tpath.display()))?;
+        torrent::check(&torrent, &manifest)
+            .with_context(|| format!("{} does not match its manifest", tpath.display()))?;
         Ok(Self {
             dir: dir.to_owned(),
+            manifest,
+            torrent,
+        })
+    }
+
+    /// An image received over HTTP; `origin` names it in messages.
+    pub fn from_bytes(origin: &str, manifest: &[u8], torrent: Vec<u8>) -> Result<Self> {
+        let manifest = manifest::Manifest::parse(manifest)
+            .with_context(|| format!("manifest from {origin}"))?;
+        torrent::check(&torrent, &manifest)
+            .with_context(|| format!("the torrent from {origin} does not match its manifest"))?;
+        Ok(Self {
+            dir: PathBuf::from(origin),
             manifest,
             torrent,
         })
@@ -63,7 +78,9 @@ pub fn describe(image: &Image, out: &mut dyn std::io::Write) -> Result<()> {
             human_bytes(r.len),
             r.fs.as_ref().map_or("-".into(), |f| f.to_string()),
             r.extents.len(),
-            r.warning.as_ref().map_or(String::new(), |w| format!("  ({w})"))
+            r.warning
+                .as_ref()
+                .map_or(String::new(), |w| format!("  ({w})"))
         )?;
     }
     let p = &m.payload;

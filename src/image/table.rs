@@ -53,7 +53,12 @@ pub struct PartitionTable {
 impl PartitionTable {
     /// The smallest disk this table fits on.
     pub fn min_disk_size(&self, source_size: u64) -> u64 {
-        let end = self.partitions.iter().map(Partition::end).max().unwrap_or(0);
+        let end = self
+            .partitions
+            .iter()
+            .map(Partition::end)
+            .max()
+            .unwrap_or(0);
         match self.kind {
             // Room for the backup entry array (16 KiB) and header.
             TableKind::Gpt => end + (16384u64.div_ceil(self.sector_size) + 1) * self.sector_size,
@@ -101,15 +106,18 @@ pub fn read(file: &File, size: u64, sector_size: u64) -> Result<PartitionTable> 
 
 fn read_gpt(disk: &DevSlice, ss: u64) -> Result<PartitionTable> {
     let mut r = disk.reader();
-    let gpt = guard("GPT", || gptman::GPT::read_from(&mut r, ss))?
-        .context("reading the GPT")?;
+    let gpt = guard("GPT", || gptman::GPT::read_from(&mut r, ss))?.context("reading the GPT")?;
     let mut partitions = Vec::new();
     for (i, p) in gpt.iter() {
         if !p.is_used() {
             continue;
         }
         if p.ending_lba < p.starting_lba {
-            bail!("GPT partition {i} ends (LBA {}) before it starts (LBA {})", p.ending_lba, p.starting_lba);
+            bail!(
+                "GPT partition {i} ends (LBA {}) before it starts (LBA {})",
+                p.ending_lba,
+                p.starting_lba
+            );
         }
         let start = p.starting_lba.checked_mul(ss);
         let size = (p.ending_lba - p.starting_lba + 1).checked_mul(ss);
@@ -135,8 +143,8 @@ fn read_gpt(disk: &DevSlice, ss: u64) -> Result<PartitionTable> {
 
 fn read_mbr(disk: &DevSlice, ss: u64) -> Result<PartitionTable> {
     let mut r = disk.reader();
-    let mbr = guard("MBR", || mbrman::MBR::read_from(&mut r, ss as u32))?
-        .context("reading the MBR")?;
+    let mbr =
+        guard("MBR", || mbrman::MBR::read_from(&mut r, ss as u32))?.context("reading the MBR")?;
     let mut partitions = Vec::new();
     let entry = |number: u32, e: &mbrman::MBRPartitionEntry, ebr: Option<u64>| Partition {
         number,
@@ -198,7 +206,22 @@ fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
 fn guid_string(g: &[u8; 16]) -> String {
     format!(
         "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+        g[3],
+        g[2],
+        g[1],
+        g[0],
+        g[5],
+        g[4],
+        g[7],
+        g[6],
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
+        g[15]
     )
 }
 

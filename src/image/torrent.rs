@@ -16,7 +16,9 @@ use super::map::PayloadMap;
 /// Piece length for a payload: about 8192 pieces, between 256 KiB and 16 MiB.
 /// 1 GB gets 256 KiB pieces, 50 GB 8 MiB, 500 GB 16 MiB (32 000 pieces).
 pub fn default_piece_length(payload: u64) -> u32 {
-    (payload / 8192).next_power_of_two().clamp(256 << 10, 16 << 20) as u32
+    (payload / 8192)
+        .next_power_of_two()
+        .clamp(256 << 10, 16 << 20) as u32
 }
 
 /// Serialized metainfo and its info hash.
@@ -25,7 +27,13 @@ pub struct Built {
     pub info_hash: [u8; 20],
 }
 
-pub fn build(name: &str, length: u64, piece_length: u32, pieces: Vec<u8>, trackers: &[String]) -> Result<Built> {
+pub fn build(
+    name: &str,
+    length: u64,
+    piece_length: u32,
+    pieces: Vec<u8>,
+    trackers: &[String],
+) -> Result<Built> {
     let info = TorrentMetaV1Info::<ByteBufOwned> {
         name: Some(name.as_bytes().to_vec().into()),
         pieces: pieces.into(),
@@ -34,11 +42,18 @@ pub fn build(name: &str, length: u64, piece_length: u32, pieces: Vec<u8>, tracke
         ..Default::default()
     };
     let mut info_bytes = Vec::new();
-    bencode::bencode_serialize_to_writer(&info, &mut info_bytes).context("encoding the info dictionary")?;
+    bencode::bencode_serialize_to_writer(&info, &mut info_bytes)
+        .context("encoding the info dictionary")?;
     let mut h = sha1w::Sha1::new();
     h.update(&info_bytes);
     let info_hash = h.finish();
 
+    let bytes = encode(&info_bytes, trackers)?;
+    Ok(Built { bytes, info_hash })
+}
+
+/// The metainfo around an encoded info dictionary.
+fn encode(info_bytes: &[u8], trackers: &[String]) -> Result<Vec<u8>> {
     #[derive(Serialize)]
     struct Meta<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,32 +68,57 @@ pub fn build(name: &str, length: u64, piece_length: u32, pieces: Vec<u8>, tracke
         announce: trackers.first().map(String::as_str),
         announce_list: trackers.iter().map(|t| vec![t.as_str()]).collect(),
         created_by: concat!("blockswarm ", env!("CARGO_PKG_VERSION")),
-        info: bencode::raw_value::RawValue(&info_bytes),
+        info: bencode::raw_value::RawValue(info_bytes),
     };
     let mut bytes = Vec::new();
     bencode::bencode_serialize_to_writer(&meta, &mut bytes).context("encoding the torrent")?;
-    Ok(Built { bytes, info_hash })
+    Ok(bytes)
+}
+
+/// The same torrent (same info hash) announcing to other trackers.
+pub fn with_trackers(bytes: &[u8], trackers: &[String]) -> Result<Vec<u8>> {
+    let t = torrent_from_bytes(bytes)
+        .map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))?;
+    encode(t.info.raw_bytes.as_ref(), trackers)
 }
 
 /// Checks that a torrent is well formed and describes the manifest's payload.
 pub fn check(bytes: &[u8], m: &Manifest) -> Result<()> {
-    let t = torrent_from_bytes(bytes).map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))?;
+    let t = torrent_from_bytes(bytes)
+        .map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))?;
     let hash = hex(&t.info_hash.0);
     if hash != m.payload.info_hash {
-        bail!("the torrent's info hash {hash} does not match the manifest's {}", m.payload.info_hash);
+        bail!(
+            "the torrent's info hash {hash} does not match the manifest's {}",
+            m.payload.info_hash
+        );
     }
     let info = &t.info.data;
     if info.files.is_some() || info.length != Some(m.payload.size) {
-        bail!("the torrent is not the single {}-byte payload file the manifest describes", m.payload.size);
+        bail!(
+            "the torrent is not the single {}-byte payload file the manifest describes",
+            m.payload.size
+        );
     }
     if info.piece_length != m.payload.piece_length {
-        bail!("the torrent's piece length {} differs from the manifest's {}", info.piece_length, m.payload.piece_length);
+        bail!(
+            "the torrent's piece length {} differs from the manifest's {}",
+            info.piece_length,
+            m.payload.piece_length
+        );
     }
     if info.pieces.as_ref().len() as u64 != m.payload.piece_count * 20 {
-        bail!("the torrent holds {} piece hashes, the manifest expects {}", info.pieces.as_ref().len() / 20, m.payload.piece_count);
+        bail!(
+            "the torrent holds {} piece hashes, the manifest expects {}",
+            info.pieces.as_ref().len() / 20,
+            m.payload.piece_count
+        );
     }
     if info.name.as_ref().map(|n| n.as_ref()) != Some(m.payload.file.as_bytes()) {
-        bail!("the torrent's file name differs from the manifest's {:?}", m.payload.file);
+        bail!(
+            "the torrent's file name differs from the manifest's {:?}",
+            m.payload.file
+        );
     }
     Ok(())
 }
@@ -87,19 +127,46 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Reads the payload from `src` through `map` once, in order, hashing every
-/// piece (on all cores) and, if `store` is given, writing it there too.
+/// Reads payload bytes at a payload offset.
+pub type PayloadReader<'a> = &'a (dyn Fn(u64, &mut [u8]) -> Result<()> + Sync);
+
+/// A reader of `src`'s payload through `map`.
+pub fn device_reader<'a>(
+    src: &'a File,
+    map: &'a PayloadMap,
+) -> impl Fn(u64, &mut [u8]) -> Result<()> + Sync + 'a {
+    move |off, buf| {
+        for seg in map.segments(off, buf.len())? {
+            src.read_exact_at(
+                &mut buf[seg.buf_offset..seg.buf_offset + seg.len],
+                seg.dev_offset,
+            )
+            .with_context(|| {
+                format!(
+                    "reading {} bytes at device offset {}",
+                    seg.len, seg.dev_offset
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a `len`-byte payload once, in order, hashing every piece (on all
+/// cores) and, if `store` is given, writing it there too.
 /// Memory: a few pieces per core. Returns the concatenated SHA-1s.
 pub fn hash_payload(
-    src: &File,
-    map: &PayloadMap,
+    read: PayloadReader,
+    len: u64,
     piece_length: u32,
     store: Option<&File>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<u8>> {
     let plen = piece_length as u64;
-    let count = map.len().div_ceil(plen) as usize;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let count = len.div_ceil(plen) as usize;
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
     let mut hashes = vec![0u8; count * 20];
 
     let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 2);
@@ -131,17 +198,16 @@ pub fn hash_payload(
             let mut done = 0u64;
             for idx in 0..count {
                 let off = idx as u64 * plen;
-                let len = plen.min(map.len() - off) as usize;
+                let n = plen.min(len - off) as usize;
                 let mut buf = free_rx.recv().context("hash workers stopped")?;
-                buf.resize(len, 0);
-                for seg in map.segments(off, len)? {
-                    src.read_exact_at(&mut buf[seg.buf_offset..seg.buf_offset + seg.len], seg.dev_offset)
-                        .with_context(|| format!("reading {} bytes at device offset {}", seg.len, seg.dev_offset))?;
-                }
+                buf.resize(n, 0);
+                read(off, &mut buf)?;
                 if let Some(store) = store {
-                    store.write_all_at(&buf, off).context("writing the store file")?;
+                    store
+                        .write_all_at(&buf, off)
+                        .context("writing the store file")?;
                 }
-                done += len as u64;
+                done += n as u64;
                 progress(done);
                 full_tx.send((idx, buf)).ok();
             }
@@ -150,7 +216,9 @@ pub fn hash_payload(
         for (idx, h) in done_rx {
             hashes[idx * 20..idx * 20 + 20].copy_from_slice(&h);
         }
-        reader.join().map_err(|_| anyhow::anyhow!("payload reader panicked"))?
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("payload reader panicked"))?
     })?;
     Ok(hashes)
 }
@@ -169,9 +237,20 @@ mod tests {
 
     #[test]
     fn builds_a_parseable_torrent() {
-        let b = build("payload.bin", 5, 16384, vec![7u8; 20], &["http://t/announce".into()]).unwrap();
+        let b = build(
+            "payload.bin",
+            5,
+            16384,
+            vec![7u8; 20],
+            &["http://t/announce".into()],
+        )
+        .unwrap();
         let t = torrent_from_bytes(&b.bytes).unwrap();
         assert_eq!(t.info_hash.0, b.info_hash);
         assert_eq!(t.info.data.length, Some(5));
+        let re = with_trackers(&b.bytes, &["http://other/announce".into()]).unwrap();
+        let t2 = torrent_from_bytes(&re).unwrap();
+        assert_eq!(t2.info_hash.0, b.info_hash);
+        assert!(String::from_utf8_lossy(&re).contains("http://other/announce"));
     }
 }

@@ -1,3 +1,80 @@
-//! The boot server: seeding (and, later, HTTP, tracker and dashboard).
+//! The boot server: image store and seeding, HTTP API, tracker, dashboard.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+pub mod api;
+pub mod config;
+pub mod dashboard;
+pub mod metrics;
 pub mod seed;
+pub mod state;
+pub mod store;
+pub mod tracker;
+pub mod wol;
+
+use config::ServerConfig;
+use state::ServerState;
+
+/// How often the store folder is rescanned.
+const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct ServeOptions {
+    pub config: ServerConfig,
+    /// Start a deployment at once, expecting this many hosts (0: any).
+    pub deploy: Option<usize>,
+}
+
+/// Runs the server until `shutdown` resolves.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let cfg = opts.config;
+    std::fs::create_dir_all(&cfg.images)
+        .with_context(|| format!("creating the image store {}", cfg.images.display()))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let seeds = crate::swarm::SwarmSession::start(Some(cfg.seed_listen)).await?;
+    let state = Arc::new(ServerState::new(cfg, seeds));
+    info!(
+        "serving {} on http://{} (dashboard at {}/), tracker {}, seeds on {}",
+        state.config.images.display(),
+        state.config.listen,
+        state.config.public_url(),
+        state.config.announce_url(),
+        state.seeds.listen_addr()
+    );
+    if let Some(n) = opts.deploy {
+        state.start_deployment((n > 0).then_some(n)).await;
+    }
+    let scanner = tokio::spawn(scan_loop(state.clone()));
+    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    scanner.abort();
+    state.seeds.stop().await;
+    r.context("HTTP server")
+}
+
+async fn scan_loop(state: Arc<ServerState>) {
+    let mut failures = BTreeMap::new();
+    loop {
+        for (_, hash) in
+            store::sync(&state.config, &state.seeds, &state.images, &mut failures).await
+        {
+            if let Some(h) = hash {
+                state.tracker.allow(h);
+            }
+        }
+        store::update_states(&state.seeds, &state.images).await;
+        tokio::time::sleep(SCAN_INTERVAL).await;
+    }
+}

@@ -42,15 +42,24 @@ pub async fn seed(image: &Image, from: Option<&Path>, cfg: &SwarmConfig) -> Resu
             }
             let dev = blockdev::open_source(&path)?;
             if dev.size != m.payload.size {
-                bail!("{} is {} bytes, the payload is {}", path.display(), dev.size, m.payload.size);
+                bail!(
+                    "{} is {} bytes, the payload is {}",
+                    path.display(),
+                    dev.size,
+                    m.payload.size
+                );
             }
             (dev, PayloadMap::identity(m.payload.size))
         }
     };
     let storage = DeviceStorage::reader(Arc::new(dev.file), map);
     let swarm = Swarm::join(image, &storage, cfg).await?;
-    swarm.wait_initialized().await.context("verifying the source")?;
-    let p = swarm.progress();
+    swarm
+        .torrent
+        .wait_initialized()
+        .await
+        .context("verifying the source")?;
+    let p = swarm.torrent.progress();
     if p.done_bytes != p.total_bytes {
         let bad = m.payload.size - p.done_bytes;
         swarm.stop().await;
@@ -66,7 +75,8 @@ pub async fn seed(image: &Image, from: Option<&Path>, cfg: &SwarmConfig) -> Resu
         m.name,
         m.payload.info_hash,
         dev.path.display(),
-        cfg.listen.map_or("an ephemeral port".into(), |a| a.to_string())
+        cfg.listen
+            .map_or("an ephemeral port".into(), |a| a.to_string())
     );
     Ok(swarm)
 }

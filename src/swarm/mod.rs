@@ -1,15 +1,22 @@
-//! The one place that talks to librqbit: session setup for seed and agent.
+//! The one place that talks to librqbit: sessions and torrents for the
+//! server's seeds and the agents.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use librqbit::{AddTorrent, AddTorrentOptions, ListenerOptions, ManagedTorrent, Session, SessionOptions};
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ListenerOptions, ManagedTorrent, Session, SessionOptions,
+};
 
 use crate::image::Image;
 use crate::storage::DeviceStorage;
 
+/// librqbit's "mbps" are MiB per second.
+const MIB: f64 = 1048576.0;
+
+/// How a torrent finds peers.
 #[derive(Debug, Clone, Default)]
 pub struct SwarmConfig {
     /// Where to accept peers; `None` picks a free port on all addresses.
@@ -21,9 +28,90 @@ pub struct SwarmConfig {
     pub disable_trackers: bool,
 }
 
-pub struct Swarm {
-    pub session: Arc<Session>,
-    pub torrent: Arc<ManagedTorrent>,
+/// A BitTorrent session: one listening port, any number of torrents.
+pub struct SwarmSession {
+    session: Arc<Session>,
+    listen: SocketAddr,
+}
+
+impl SwarmSession {
+    pub async fn start(listen: Option<SocketAddr>) -> Result<Self> {
+        let listen = match listen {
+            Some(a) if a.port() != 0 => a,
+            // librqbit does not report the port it picks for port 0.
+            other => {
+                let ip = other.map_or("0.0.0.0".parse().expect("valid"), |a| a.ip());
+                let l = std::net::TcpListener::bind((ip, 0)).context("finding a free port")?;
+                l.local_addr()?
+            }
+        };
+        let session = Session::new_with_opts(
+            std::env::temp_dir(),
+            SessionOptions {
+                dht: None,
+                persistence: None,
+                fastresume: false,
+                disable_local_service_discovery: true,
+                ipv4_only: listen.is_ipv4(),
+                listen: Some(ListenerOptions {
+                    listen_addr: listen,
+                    ipv4_only: listen.is_ipv4(),
+                    ..Default::default()
+                }),
+                client_name_and_version: Some(
+                    concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("starting the BitTorrent session on {listen}"))?;
+        Ok(Self { session, listen })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub async fn add(
+        &self,
+        image: &Image,
+        storage: &DeviceStorage,
+        cfg: &SwarmConfig,
+    ) -> Result<Torrent> {
+        let opts = AddTorrentOptions {
+            overwrite: true,
+            initial_peers: (!cfg.peers.is_empty()).then(|| cfg.peers.clone()),
+            trackers: (!cfg.trackers.is_empty()).then(|| cfg.trackers.clone()),
+            disable_trackers: cfg.disable_trackers,
+            storage_factory: Some(storage.factory()),
+            ..Default::default()
+        };
+        let handle = self
+            .session
+            .add_torrent(AddTorrent::from_bytes(image.torrent.clone()), Some(opts))
+            .await
+            .context("adding the image's torrent")?
+            .into_handle()
+            .context("the torrent was not added")?;
+        Ok(Torrent { handle })
+    }
+
+    /// Stops seeding one torrent; its storage is left as it is.
+    pub async fn remove(&self, t: &Torrent) -> Result<()> {
+        self.session.delete(t.handle.id().into(), false).await
+    }
+
+    pub async fn stop(&self) {
+        self.session.stop().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One image in a session.
+#[derive(Clone)]
+pub struct Torrent {
+    handle: Arc<ManagedTorrent>,
 }
 
 /// Progress as the API and the console show it.
@@ -38,60 +126,22 @@ pub struct Progress {
     pub finished: bool,
 }
 
-impl Swarm {
-    pub async fn join(image: &Image, storage: &DeviceStorage, cfg: &SwarmConfig) -> Result<Self> {
-        let listen = cfg.listen.unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
-        let session = Session::new_with_opts(
-            std::env::temp_dir(),
-            SessionOptions {
-                dht: None,
-                persistence: None,
-                fastresume: false,
-                disable_local_service_discovery: true,
-                ipv4_only: listen.is_ipv4(),
-                listen: Some(ListenerOptions {
-                    listen_addr: listen,
-                    ipv4_only: listen.is_ipv4(),
-                    ..Default::default()
-                }),
-                client_name_and_version: Some(concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .with_context(|| format!("starting the BitTorrent session on {listen}"))?;
-        let opts = AddTorrentOptions {
-            overwrite: true,
-            initial_peers: (!cfg.peers.is_empty()).then(|| cfg.peers.clone()),
-            trackers: (!cfg.trackers.is_empty()).then(|| cfg.trackers.clone()),
-            disable_trackers: cfg.disable_trackers,
-            storage_factory: Some(storage.factory()),
-            ..Default::default()
-        };
-        let torrent = session
-            .add_torrent(AddTorrent::from_bytes(image.torrent.clone()), Some(opts))
-            .await
-            .context("adding the image's torrent")?
-            .into_handle()
-            .context("the torrent was not added")?;
-        Ok(Self { session, torrent })
-    }
-
-    /// The address peers reach this session on.
-    pub fn listen_port(&self) -> Option<u16> {
-        self.session.announce_port()
-    }
-
+impl Torrent {
     pub async fn wait_initialized(&self) -> Result<()> {
-        self.torrent.wait_until_initialized().await
+        self.handle.wait_until_initialized().await
     }
 
     pub async fn wait_completed(&self) -> Result<()> {
-        self.torrent.wait_until_completed().await
+        self.handle.wait_until_completed().await
+    }
+
+    /// Whether the initial check is over and the torrent is up.
+    pub fn is_live(&self) -> bool {
+        self.handle.live().is_some()
     }
 
     pub fn progress(&self) -> Progress {
-        let s = self.torrent.stats();
+        let s = self.handle.stats();
         let live = s.live.as_ref();
         Progress {
             done_bytes: s.progress_bytes,
@@ -106,17 +156,27 @@ impl Swarm {
 
     /// Fails if the torrent stopped with an error.
     pub fn check_error(&self) -> Result<()> {
-        if let Some(e) = self.torrent.stats().error {
+        if let Some(e) = self.handle.stats().error {
             bail!("swarm: {e}");
         }
         Ok(())
     }
+}
+
+/// A session carrying a single torrent: a seed, or an agent.
+pub struct Swarm {
+    pub session: SwarmSession,
+    pub torrent: Torrent,
+}
+
+impl Swarm {
+    pub async fn join(image: &Image, storage: &DeviceStorage, cfg: &SwarmConfig) -> Result<Self> {
+        let session = SwarmSession::start(cfg.listen).await?;
+        let torrent = session.add(image, storage, cfg).await?;
+        Ok(Self { session, torrent })
+    }
 
     pub async fn stop(self) {
         self.session.stop().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
-/// librqbit's "mbps" are MiB per second.
-const MIB: f64 = 1048576.0;

@@ -72,7 +72,11 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
     ensure!((1..=4).contains(&fats), "FAT count {fats} is not 1..4");
     let root_entries = le16(bs, 17);
     let fat_sz16 = le16(bs, 22);
-    let fat_sz = if fat_sz16 != 0 { fat_sz16 } else { le32(bs, 36) };
+    let fat_sz = if fat_sz16 != 0 {
+        fat_sz16
+    } else {
+        le32(bs, 36)
+    };
     ensure!(fat_sz > 0, "FAT size is 0 sectors");
     let total = match le16(bs, 19) {
         0 => le32(bs, 32),
@@ -121,7 +125,8 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
 
 fn read_layout(dev: &DevSlice) -> Result<Layout> {
     let mut bs = [0u8; 512];
-    dev.read_at(0, &mut bs).context("reading the FAT boot sector")?;
+    dev.read_at(0, &mut bs)
+        .context("reading the FAT boot sector")?;
     parse_bpb(&bs).context("invalid FAT boot sector")
 }
 
@@ -131,7 +136,8 @@ pub fn probe(dev: &DevSlice) -> Result<bool> {
         return Ok(false);
     }
     let mut bs = [0u8; 512];
-    dev.read_at(0, &mut bs).context("reading the FAT boot sector")?;
+    dev.read_at(0, &mut bs)
+        .context("reading the FAT boot sector")?;
     Ok(parse_bpb(&bs).is_ok())
 }
 
@@ -150,7 +156,7 @@ pub fn used_extents(dev: &DevSlice) -> Result<Vec<Extent>> {
 
     let total = l.clusters + 2; // entries 0 and 1 are reserved
     let per_chunk = CHUNK as u64 * 8 / l.ty.bits();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK.min((total * l.ty.bits()).div_ceil(8) as usize)];
     let mut run: Option<(u64, u64)> = None; // (first cluster, count)
     let mut first = 0u64;
     while first < total {

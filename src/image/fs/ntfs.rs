@@ -47,6 +47,16 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Bpb> {
     ensure!(total_sectors > 0, "total sector count is 0");
     t.copy_from_slice(&bs[0x30..0x38]);
     let mft_lcn = u64::from_le_bytes(t);
+    // MFT record size: clusters if positive, else 2^-n bytes.
+    let rec = match bs[0x40] as i8 {
+        n @ 1..=4 => u64::from(n as u8) * cluster_size,
+        n @ -12..=-10 => 1 << n.unsigned_abs(),
+        n => bail!("invalid MFT record size byte {n:#x}"),
+    };
+    ensure!(
+        (1024..=4096).contains(&rec),
+        "MFT record size {rec} is not 1024..4096"
+    );
     let clusters = total_sectors / spc;
     ensure!(
         mft_lcn > 0 && mft_lcn < clusters,
@@ -203,7 +213,10 @@ mod tests {
         push_word(&mut s, 1 << 63, 64, 1);
         push_word(&mut s, u64::MAX, 128, 1);
         let v = s.into_vec();
-        assert_eq!(v, vec![Extent::new(0, 2), Extent::new(3, 1), Extent::new(127, 65)]);
+        assert_eq!(
+            v,
+            vec![Extent::new(0, 2), Extent::new(3, 1), Extent::new(127, 65)]
+        );
     }
 
     #[test]
@@ -214,6 +227,7 @@ mod tests {
         b[13] = 8;
         b[0x28..0x30].copy_from_slice(&204799u64.to_le_bytes());
         b[0x30..0x38].copy_from_slice(&4u64.to_le_bytes());
+        b[0x40] = 0xF6;
         b[510] = 0x55;
         b[511] = 0xAA;
         assert_eq!(parse_bpb(&b).unwrap().clusters, 25599);
@@ -222,6 +236,9 @@ mod tests {
         b[13] = 0xF4; // 2^12 sectors of 512 = 2 MiB
         assert_eq!(parse_bpb(&b).unwrap().cluster_size, 2 << 20);
         b[13] = 8;
+        b[0x40] = 0x7F;
+        assert!(parse_bpb(&b).is_err());
+        b[0x40] = 0xF6;
         b[0x30..0x38].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(parse_bpb(&b).is_err());
     }

@@ -1,0 +1,160 @@
+//! The agent's side of the HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tracing::{info, warn};
+
+use crate::image::Image;
+use crate::protocol::{JobResponse, StatusAck, StatusReport};
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("server URL {base:?} must start with http:// or https://");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self { base, http })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    /// Polls until the server has a job for `mac`, saying why it waits.
+    /// `on_wait` is told each reason (for status reports).
+    pub async fn wait_for_job(&self, mac: &str, mut on_wait: impl FnMut(&str)) -> JobResponse {
+        let mut backoff = Duration::from_secs(1);
+        let mut last = String::new();
+        loop {
+            let why = match self
+                .http
+                .get(self.url(&format!("/api/v1/jobs/{mac}")))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => match r.json::<JobResponse>().await {
+                    Ok(j) => return j,
+                    Err(e) => format!("the server's job is malformed: {e}"),
+                },
+                Ok(r) => {
+                    let code = r.status();
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    let msg = body["error"].as_str().unwrap_or("").to_string();
+                    backoff = Duration::from_secs(5);
+                    if code == reqwest::StatusCode::NOT_FOUND {
+                        format!("no job: {msg}")
+                    } else {
+                        format!("waiting: {msg} ({code})")
+                    }
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    format!("server {} unreachable: {}", self.base, root_cause(&e))
+                }
+            };
+            if why != last {
+                warn!("{why}; asking again every {} s", backoff.as_secs());
+                last = why.clone();
+            }
+            on_wait(&why);
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let url = self.url(path);
+        let r = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        if !r.status().is_success() {
+            bail!("GET {url}: {}", r.status());
+        }
+        Ok(r.bytes()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .to_vec())
+    }
+
+    /// Fetches and checks the job's manifest and torrent, retrying while the
+    /// server is unreachable.
+    pub async fn fetch_image(&self, job: &JobResponse) -> Result<Image> {
+        let mut tries = 0;
+        loop {
+            let got = async {
+                let m = self.get_bytes(&job.manifest_url).await?;
+                let t = self.get_bytes(&job.torrent_url).await?;
+                Ok::<_, anyhow::Error>((m, t))
+            }
+            .await;
+            match got {
+                Ok((m, t)) => return Image::from_bytes(&self.url(&job.manifest_url), &m, t),
+                Err(e) if tries < 10 => {
+                    tries += 1;
+                    warn!("fetching the image: {e:#}; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn report(&self, r: &StatusReport) -> Result<StatusAck> {
+        let url = self.url("/api/v1/status");
+        let resp = self
+            .http
+            .post(&url)
+            .json(r)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("POST {url}: {}", resp.status());
+        }
+        Ok(resp.json().await?)
+    }
+}
+
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut s: &dyn std::error::Error = e;
+    while let Some(src) = s.source() {
+        s = src;
+    }
+    s.to_string()
+}
+
+/// Logs once when the server goes away and once when it returns.
+#[derive(Default)]
+pub struct Reachability(bool);
+
+impl Reachability {
+    pub fn update(&mut self, r: &Result<StatusAck>) {
+        match (r, self.0) {
+            (Err(e), false) => {
+                warn!("server unreachable ({e:#}); carrying on with the peers");
+                self.0 = true;
+            }
+            (Ok(_), true) => {
+                info!("server reachable again");
+                self.0 = false;
+            }
+            _ => {}
+        }
+    }
+}

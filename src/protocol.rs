@@ -1,0 +1,278 @@
+//! What the server and the agent say to each other: the job, and the
+//! agent's status reports. Shared by both sides, and by the config file.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub const API: &str = "/api/v1";
+
+/// What one host is to do. Per host in the server config, or the default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Image name in the server's store.
+    pub image: String,
+    #[serde(default)]
+    pub target: TargetSelector,
+    #[serde(default)]
+    pub on_done: PostAction,
+    /// "deployment" (until the room is done, capped by `seed_cap_minutes`),
+    /// "off", or minutes such as "30m".
+    #[serde(default)]
+    pub keep_seeding: SeedPolicy,
+    #[serde(default = "default_seed_cap")]
+    pub seed_cap_minutes: u64,
+    #[serde(default)]
+    pub verify: Verify,
+    /// Hash what the disk already holds and fetch only what differs.
+    #[serde(default)]
+    pub incremental: bool,
+}
+
+fn default_seed_cap() -> u64 {
+    120
+}
+
+/// Which disk to write. With no criteria: the largest internal,
+/// non-removable disk. Every criterion given must match, and exactly one
+/// disk must be left, or the agent refuses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSelector {
+    /// A /dev/disk/by-path name, e.g. "pci-0000:00:1f.2-ata-1".
+    pub by_path: Option<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<String>,
+    /// Substring of ID_MODEL.
+    pub model: Option<String>,
+    pub min_size: Option<Size>,
+    pub max_size: Option<Size>,
+    /// Allow USB disks (refused by default).
+    #[serde(default)]
+    pub allow_usb: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostAction {
+    #[default]
+    Reboot,
+    Poweroff,
+    Shell,
+    Nothing,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Every piece is checked against its SHA-1 as it arrives.
+    #[default]
+    Pieces,
+    /// And afterwards the whole image is read back from the disk and checked.
+    Readback,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SeedPolicy {
+    #[default]
+    Deployment,
+    Off,
+    Minutes(u64),
+}
+
+impl FromStr for SeedPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "deployment" => Ok(Self::Deployment),
+            "off" => Ok(Self::Off),
+            _ => s
+                .strip_suffix('m')
+                .and_then(|n| n.parse().ok())
+                .map(Self::Minutes)
+                .ok_or_else(|| {
+                    format!("{s:?} is not \"deployment\", \"off\" or minutes like \"30m\"")
+                }),
+        }
+    }
+}
+
+impl fmt::Display for SeedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Deployment => f.write_str("deployment"),
+            Self::Off => f.write_str("off"),
+            Self::Minutes(n) => write!(f, "{n}m"),
+        }
+    }
+}
+
+/// A byte count written as "500G", "1.5T", "512M" or plain bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (num, mult) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let m = match c.to_ascii_uppercase() {
+                    'K' => 1u64 << 10,
+                    'M' => 1 << 20,
+                    'G' => 1 << 30,
+                    'T' => 1 << 40,
+                    _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G or T)")),
+                };
+                (&t[..i], m)
+            }
+            _ => (t, 1),
+        };
+        let v: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like \"500G\""))?;
+        if !(0.0..1e19).contains(&(v * mult as f64)) {
+            return Err(format!("{s:?} is out of range"));
+        }
+        Ok(Size((v * mult as f64) as u64))
+    }
+}
+
+macro_rules! string_serde {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(untagged)]
+                enum Raw {
+                    S(String),
+                    N(u64),
+                }
+                match Raw::deserialize(d)? {
+                    Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+                    Raw::N(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+                }
+            }
+        }
+    };
+}
+string_serde!(SeedPolicy);
+string_serde!(Size);
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The server's answer to "what is my job?".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobResponse {
+    pub mac: String,
+    pub host: Option<String>,
+    pub job: Job,
+    /// Relative to the server URL.
+    pub manifest_url: String,
+    pub torrent_url: String,
+    /// Announce URLs the agent should use.
+    pub trackers: Vec<String>,
+    pub deployment: u64,
+}
+
+/// Where an agent is in its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    WaitingForJob,
+    SelectingDisk,
+    Checking,
+    Downloading,
+    Verifying,
+    Finishing,
+    Seeding,
+    Done,
+    Failed,
+}
+
+impl AgentState {
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Seeding | Self::Done)
+    }
+}
+
+/// Sent by the agent about once a second.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub mac: String,
+    pub state: AgentState,
+    pub deployment: Option<u64>,
+    pub image: Option<String>,
+    pub target: Option<String>,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub down_bps: f64,
+    pub up_bps: f64,
+    pub peers: usize,
+    pub error: Option<String>,
+    /// Seconds since the agent started its job.
+    pub elapsed_s: f64,
+}
+
+/// The server's answer to a status report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusAck {
+    /// Every host of the deployment has its image.
+    pub deployment_done: bool,
+    /// The deployment was stopped by the admin.
+    pub stopped: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_defaults_and_values() {
+        let j: Job =
+            toml::from_str("image = \"lab\"\n[target]\nmin_size = \"1.5G\"\nmodel = \"Samsung\"")
+                .unwrap();
+        assert_eq!(j.on_done, PostAction::Reboot);
+        assert_eq!(j.keep_seeding, SeedPolicy::Deployment);
+        assert_eq!(j.target.min_size, Some(Size(3 << 29)));
+        let j: Job = toml::from_str("image = \"lab\"\nkeep_seeding = \"30m\"\nverify = \"readback\"\non_done = \"poweroff\"").unwrap();
+        assert_eq!(j.keep_seeding, SeedPolicy::Minutes(30));
+        assert_eq!(j.verify, Verify::Readback);
+    }
+
+    #[test]
+    fn bad_jobs_name_the_key() {
+        let e = toml::from_str::<Job>("image = \"lab\"\nreboot = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `reboot`"), "{e}");
+        let e = toml::from_str::<Job>("image = \"lab\"\n[target]\nmin_size = \"12Q\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_size") && e.contains("unknown unit"), "{e}");
+        let e = toml::from_str::<Job>("image = \"lab\"\nkeep_seeding = \"forever\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keep_seeding") && e.contains("forever"), "{e}");
+        let e = toml::from_str::<Job>("image = \"lab\"\non_done = \"explode\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("on_done"), "{e}");
+        let e = toml::from_str::<Job>("[target]\nserial = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `image`"), "{e}");
+    }
+}

@@ -1,0 +1,60 @@
+//! What agents (and the dashboard) read: jobs, image files, status.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{AppState, error};
+use crate::image::{manifest, torrent};
+use crate::protocol::StatusReport;
+use crate::server::state::JobError;
+
+pub async fn job(State(s): State<AppState>, Path(mac): Path<String>) -> Response {
+    match s.job_for(&mac).await {
+        Ok(j) => Json(j).into_response(),
+        Err(JobError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(JobError::NoJob(e)) => error(StatusCode::NOT_FOUND, e),
+        Err(JobError::NotStarted(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// Only the two files of a known image are served; names are looked up,
+/// never joined into a path.
+pub async fn image_file(
+    State(s): State<AppState>,
+    Path((name, file)): Path<(String, String)>,
+) -> Response {
+    let images = s.images.read().await;
+    let Some(img) = images.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no image {name:?}"));
+    };
+    match file.as_str() {
+        manifest::MANIFEST_FILE => match std::fs::read(img.image.dir.join(manifest::MANIFEST_FILE))
+        {
+            Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        manifest::TORRENT_FILE => {
+            match torrent::with_trackers(&img.image.torrent, &[s.config.announce_url()]) {
+                Ok(b) => ([(header::CONTENT_TYPE, "application/x-bittorrent")], b).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            }
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no file {file:?} in image {name:?}"),
+        ),
+    }
+}
+
+pub async fn status(State(s): State<AppState>, Json(r): Json<StatusReport>) -> Response {
+    match s.report(r).await {
+        Ok(ack) => Json(ack).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
+}
+
+pub async fn deployment(State(s): State<AppState>) -> Response {
+    Json(s.view().await).into_response()
+}

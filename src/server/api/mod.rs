@@ -1,0 +1,48 @@
+//! HTTP: the agents' read-only API, the admin API, tracker, dashboard, metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+
+use super::state::ServerState;
+
+pub mod admin;
+pub mod agent;
+
+pub type AppState = Arc<ServerState>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(super::dashboard::page))
+        .route("/metrics", get(super::metrics::metrics))
+        .route("/announce", get(announce))
+        .route("/images/{name}/{file}", get(agent::image_file))
+        .route("/api/v1/jobs/{mac}", get(agent::job))
+        .route("/api/v1/status", post(agent::status))
+        .route("/api/v1/deployment", get(agent::deployment))
+        .route("/api/v1/admin/images", get(admin::images))
+        .route("/api/v1/admin/hosts", get(admin::hosts))
+        .route("/api/v1/admin/hosts/{mac}/job", put(admin::set_job))
+        .route("/api/v1/admin/deployment/start", post(admin::start))
+        .route("/api/v1/admin/deployment/stop", post(admin::stop))
+        .with_state(state)
+}
+
+async fn announce(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let body = s.tracker.announce(q.as_deref().unwrap_or(""), peer.ip());
+    ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// A JSON error body: `{"error": "..."}`.
+pub fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, axum::Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}

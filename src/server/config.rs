@@ -1,0 +1,198 @@
+//! `server.toml`. Every key has a default, so `serve` runs with no file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Job;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// HTTP: API, tracker, dashboard, boot files.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The URL agents reach this server at (default: from `listen`).
+    pub public_url: Option<String>,
+    /// Image store: one directory per image.
+    #[serde(default = "default_images")]
+    pub images: PathBuf,
+    /// Bearer token for the admin API; without one the admin API is off.
+    pub admin_token: Option<String>,
+    /// "builtin", or an external announce URL (e.g. opentracker's).
+    #[serde(default = "default_tracker")]
+    pub tracker: String,
+    /// Announce interval handed to peers, in seconds.
+    #[serde(default = "default_interval")]
+    pub announce_interval: u64,
+    /// BitTorrent port of the server's seeds.
+    #[serde(default = "default_seed_listen")]
+    pub seed_listen: SocketAddr,
+    /// Where Wake-on-LAN magic packets go.
+    #[serde(default = "default_wol")]
+    pub wol_broadcast: SocketAddr,
+    /// Images seeded straight from a raw device instead of a store file.
+    #[serde(default, rename = "device_image")]
+    pub device_images: Vec<DeviceImage>,
+    /// The job of hosts not listed below; none: such hosts wait.
+    pub default_job: Option<Job>,
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<HostConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceImage {
+    /// Image directory (manifest and torrent, made by `capture` without --store).
+    pub dir: PathBuf,
+    /// The captured disk or partition to read blocks from.
+    pub from: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub mac: String,
+    pub name: Option<String>,
+    pub job: Option<Job>,
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:8080".parse().expect("valid")
+}
+fn default_images() -> PathBuf {
+    "images".into()
+}
+fn default_tracker() -> String {
+    "builtin".into()
+}
+fn default_interval() -> u64 {
+    15
+}
+fn default_seed_listen() -> SocketAddr {
+    "0.0.0.0:6881".parse().expect("valid")
+}
+fn default_wol() -> SocketAddr {
+    "255.255.255.255:9".parse().expect("valid")
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every key has a default")
+    }
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut c: ServerConfig = toml::from_str(text)?;
+        for h in &mut c.hosts {
+            h.mac = normalize_mac(&h.mac)
+                .with_context(|| format!("host {:?}", h.name.as_deref().unwrap_or(&h.mac)))?;
+        }
+        let mut macs: Vec<&str> = c.hosts.iter().map(|h| h.mac.as_str()).collect();
+        macs.sort();
+        if let Some(w) = macs.windows(2).find(|w| w[0] == w[1]) {
+            bail!("host {} is listed twice", w[0]);
+        }
+        if c.tracker != "builtin"
+            && !c.tracker.starts_with("http://")
+            && !c.tracker.starts_with("udp://")
+        {
+            bail!(
+                "tracker: {:?} is neither \"builtin\" nor an http:// or udp:// announce URL",
+                c.tracker
+            );
+        }
+        if c.announce_interval == 0 {
+            bail!("announce_interval: must be at least 1 second");
+        }
+        Ok(c)
+    }
+
+    /// The URL agents and torrents use for this server.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None if self.listen.ip().is_unspecified() => {
+                format!("http://127.0.0.1:{}", self.listen.port())
+            }
+            None => format!("http://{}", self.listen),
+        }
+    }
+
+    pub fn announce_url(&self) -> String {
+        if self.tracker == "builtin" {
+            format!("{}/announce", self.public_url())
+        } else {
+            self.tracker.clone()
+        }
+    }
+}
+
+/// "52:54:00:AB:cd:01", "52-54-00-ab-cd-01" → "52:54:00:ab:cd:01".
+pub fn normalize_mac(s: &str) -> Result<String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || u8::from_str_radix(p, 16).is_err())
+    {
+        bail!("{s:?} is not a MAC address like 52:54:00:12:34:56");
+    }
+    Ok(parts.join(":").to_ascii_lowercase())
+}
+
+pub fn mac_bytes(mac: &str) -> Result<[u8; 6]> {
+    let m = normalize_mac(mac)?;
+    let mut out = [0u8; 6];
+    for (i, p) in m.split(':').enumerate() {
+        out[i] = u8::from_str_radix(p, 16)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_defaults() {
+        let c = ServerConfig::parse("").unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.announce_url(), "http://127.0.0.1:8080/announce");
+        assert!(c.default_job.is_none());
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../docs/server.example.toml");
+        let c = ServerConfig::parse(text).unwrap();
+        assert!(!c.hosts.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = format!(
+            "{:#}",
+            ServerConfig::parse("listen = \"nowhere\"").unwrap_err()
+        );
+        assert!(e.contains("listen"), "{e}");
+        let e = format!("{:#}", ServerConfig::parse("colour = 1").unwrap_err());
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = format!(
+            "{:#}",
+            ServerConfig::parse("[[host]]\nmac = \"zz\"").unwrap_err()
+        );
+        assert!(e.contains("not a MAC"), "{e}");
+        let e = format!("{:#}", ServerConfig::parse("[[host]]\nmac = \"52:54:00:00:00:01\"\n[host.job]\nimage = \"a\"\nverify = \"twice\"").unwrap_err());
+        assert!(e.contains("verify"), "{e}");
+    }
+}

@@ -1,0 +1,119 @@
+//! `/metrics` in the Prometheus text format.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use super::api::AppState;
+
+pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let v = s.view().await;
+    let mut o = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(
+            o,
+            "# HELP blockswarm_{name} {help}\n# TYPE blockswarm_{name} {kind}"
+        );
+        for (labels, val) in rows {
+            let _ = writeln!(o, "blockswarm_{name}{labels} {val}");
+        }
+    };
+    let host = |h: &super::state::HostView| {
+        format!(
+            "{{mac=\"{}\",state=\"{}\"}}",
+            h.mac,
+            serde_json::to_value(h.report.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        )
+    };
+    metric(
+        "deployment_running",
+        "Whether a deployment is running.",
+        "gauge",
+        vec![(String::new(), f64::from(u8::from(v.running)))],
+    );
+    metric(
+        "deployment_elapsed_seconds",
+        "Time since the deployment started (or its duration, once done).",
+        "gauge",
+        vec![(String::new(), v.elapsed_s)],
+    );
+    metric(
+        "host_done_bytes",
+        "Payload bytes a host has verified.",
+        "gauge",
+        v.hosts
+            .iter()
+            .map(|h| (host(h), h.report.done_bytes as f64))
+            .collect(),
+    );
+    metric(
+        "host_total_bytes",
+        "Payload bytes a host needs.",
+        "gauge",
+        v.hosts
+            .iter()
+            .map(|h| (host(h), h.report.total_bytes as f64))
+            .collect(),
+    );
+    metric(
+        "host_download_bytes_per_second",
+        "A host's download rate.",
+        "gauge",
+        v.hosts
+            .iter()
+            .map(|h| (host(h), h.report.down_bps))
+            .collect(),
+    );
+    metric(
+        "host_upload_bytes_per_second",
+        "A host's upload rate.",
+        "gauge",
+        v.hosts.iter().map(|h| (host(h), h.report.up_bps)).collect(),
+    );
+    let img =
+        |i: &super::state::ImageView| format!("{{image=\"{}\",state=\"{}\"}}", i.name, i.state);
+    metric(
+        "seed_uploaded_bytes_total",
+        "Bytes the server's seed uploaded.",
+        "counter",
+        v.images
+            .iter()
+            .map(|i| (img(i), i.uploaded_bytes as f64))
+            .collect(),
+    );
+    metric(
+        "image_payload_bytes",
+        "An image's payload size.",
+        "gauge",
+        v.images
+            .iter()
+            .map(|i| (img(i), i.payload_bytes as f64))
+            .collect(),
+    );
+    metric(
+        "tracker_peers",
+        "Peers the tracker knows, by completeness.",
+        "gauge",
+        v.images
+            .iter()
+            .flat_map(|i| {
+                [
+                    (
+                        format!("{{image=\"{}\",complete=\"true\"}}", i.name),
+                        i.seeders as f64,
+                    ),
+                    (
+                        format!("{{image=\"{}\",complete=\"false\"}}", i.name),
+                        i.leechers as f64,
+                    ),
+                ]
+            })
+            .collect(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o)
+}
