@@ -1,5 +1,6 @@
 //! blockswarm: re-image rooms of PCs over a BitTorrent swarm of used blocks.
 
+pub mod admin;
 pub mod agent;
 pub mod blockdev;
 pub mod image;

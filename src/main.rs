@@ -74,6 +74,69 @@ enum Cmd {
     },
     /// Show what an image holds.
     Inspect { image: PathBuf },
+    /// Run the boot server: image store, seeding, tracker, API, dashboard.
+    Serve {
+        /// server.toml (see docs/server.example.toml); defaults without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override `images`.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Start a deployment right away, done when N hosts finish (0: all that join).
+        #[arg(long, value_name = "N")]
+        deploy: Option<usize>,
+    },
+    /// Run the deploy agent (normally from the network-boot initramfs).
+    Agent {
+        /// The boot server, e.g. http://10.0.0.1:8080
+        #[arg(long)]
+        server: String,
+        /// This machine's MAC (default: BOOTIF, else the first NIC that is up).
+        #[arg(long)]
+        mac: Option<String>,
+        /// Write to this disk or file instead of the one the job selects.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// BitTorrent listen address (default: a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Talk to a running server's admin API.
+    Admin {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// Bearer token (or BLOCKSWARM_TOKEN).
+        #[arg(long, env = "BLOCKSWARM_TOKEN")]
+        token: Option<String>,
+        #[command(subcommand)]
+        cmd: AdminSub,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminSub {
+    /// List the store's images.
+    Images,
+    /// List hosts and their progress.
+    Hosts,
+    /// The deployment's state and hosts.
+    Status,
+    /// Start a deployment.
+    Start {
+        /// Done when this many hosts have finished.
+        #[arg(long)]
+        expect: Option<usize>,
+        /// Wake the configured hosts with Wake-on-LAN first.
+        #[arg(long)]
+        wake: bool,
+    },
+    /// Stop the deployment.
+    Stop,
+    /// Set a host's job from a TOML file (the [default_job] format).
+    SetJob { mac: String, job: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -156,6 +219,61 @@ fn run(cli: Cli) -> Result<()> {
             swarm.stop().await;
             Ok(())
         }),
+        Cmd::Serve {
+            config,
+            listen,
+            images,
+            deploy,
+        } => {
+            let mut cfg = match config {
+                Some(p) => blockswarm::server::config::ServerConfig::load(&p)?,
+                None => Default::default(),
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(i) = images {
+                cfg.images = i;
+            }
+            runtime()?.block_on(blockswarm::server::serve(
+                blockswarm::server::ServeOptions {
+                    config: cfg,
+                    deploy,
+                },
+                async {
+                    let _ = tokio::signal::ctrl_c().await;
+                },
+            ))
+        }
+        Cmd::Agent {
+            server,
+            mac,
+            target,
+            listen,
+        } => runtime()?.block_on(blockswarm::agent::run(blockswarm::agent::AgentOptions {
+            server,
+            mac,
+            target,
+            listen,
+        })),
+        Cmd::Admin { server, token, cmd } => {
+            use blockswarm::admin::AdminCmd;
+            let cmd = match cmd {
+                AdminSub::Images => AdminCmd::Images,
+                AdminSub::Hosts => AdminCmd::Hosts,
+                AdminSub::Status => AdminCmd::Status,
+                AdminSub::Start { expect, wake } => {
+                    AdminCmd::Start(blockswarm::server::api::admin::StartRequest { expect, wake })
+                }
+                AdminSub::Stop => AdminCmd::Stop,
+                AdminSub::SetJob { mac, job } => AdminCmd::SetJob {
+                    mac,
+                    job_toml: std::fs::read_to_string(&job)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?,
+                },
+            };
+            runtime()?.block_on(blockswarm::admin::run(&server, token.as_deref(), cmd))
+        }
         Cmd::Inspect { image } => {
             let image = Image::open(&image)?;
             blockswarm::image::describe(&image, &mut std::io::stdout())

@@ -73,6 +73,15 @@ impl DeviceStorage {
         }
     }
 
+    /// Starts the held head from what the device holds (incremental runs).
+    pub fn set_head(&self, bytes: &[u8]) {
+        if let Some(h) = &self.inner.head {
+            let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+            let n = h.len().min(bytes.len());
+            h[..n].copy_from_slice(&bytes[..n]);
+        }
+    }
+
     /// The held head of the device, to write last.
     pub fn take_head(&self) -> Option<Vec<u8>> {
         let head = self.inner.head.as_ref()?;

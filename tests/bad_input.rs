@@ -247,10 +247,7 @@ fn corrupt_manifest_and_torrent() {
     // Truncated manifest.
     std::fs::write(&mpath, &good[..good.len() / 2]).unwrap();
     let out = receive_err(&image, &tgt);
-    assert!(
-        out.contains("manifest.json is not a valid manifest"),
-        "{out}"
-    );
+    assert!(out.contains("manifest.json: not a valid manifest"), "{out}");
     // A manifest whose extents do not add up to the payload.
     let text =
         String::from_utf8(good.clone())

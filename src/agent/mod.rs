@@ -1,7 +1,297 @@
-//! The deploy agent: target safety, writing, and the receive flow.
+//! The deploy agent: fetch the job, pick the disk, join the swarm, verify,
+//! write the boot area last, seed, then reboot (or as the job says).
+//!
+//! States, reported to the server about once a second:
+//! WaitingForJob → SelectingDisk → Checking → Downloading → [Verifying] →
+//! Finishing → Seeding → Done; any error → Failed (reported, then returned).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
 
 pub mod client;
 pub mod disks;
 pub mod receive;
 pub mod safety;
+pub mod verify;
 pub mod write;
+
+use crate::blockdev;
+use crate::protocol::{
+    AgentState, JobResponse, PostAction, SeedPolicy, StatusAck, StatusReport, Verify,
+};
+use crate::storage::DeviceStorage;
+use crate::swarm::{SwarmConfig, SwarmSession, Torrent};
+use crate::util::human_bytes;
+use client::{Client, Reachability};
+
+pub struct AgentOptions {
+    pub server: String,
+    /// Default: BOOTIF from the kernel command line, else the first NIC.
+    pub mac: Option<String>,
+    /// Write here instead of the disk the selector picks (tests, demos).
+    pub target: Option<PathBuf>,
+    /// BitTorrent listen address (default: a free port).
+    pub listen: Option<SocketAddr>,
+}
+
+/// Progress shared with the status reporter.
+struct Reporter {
+    client: Client,
+    base: StatusReport,
+    started: Instant,
+    reach: Reachability,
+}
+
+impl Reporter {
+    async fn send(
+        &mut self,
+        state: AgentState,
+        torrent: Option<&Torrent>,
+        error: Option<String>,
+    ) -> Option<StatusAck> {
+        let mut r = self.base.clone();
+        r.state = state;
+        r.error = error;
+        r.elapsed_s = self.started.elapsed().as_secs_f64();
+        if let Some(t) = torrent {
+            let p = t.progress();
+            (r.done_bytes, r.total_bytes, r.uploaded_bytes) =
+                (p.done_bytes, p.total_bytes, p.uploaded_bytes);
+            (r.down_bps, r.up_bps, r.peers) = (p.down_bps, p.up_bps, p.peers);
+        }
+        self.base = StatusReport {
+            error: None,
+            ..r.clone()
+        };
+        let res = self.client.report(&r).await;
+        self.reach.update(&res);
+        res.ok()
+    }
+}
+
+pub async fn run(opts: AgentOptions) -> Result<()> {
+    let client = Client::new(&opts.server)?;
+    let mac = match &opts.mac {
+        Some(m) => crate::server::config::normalize_mac(m)?,
+        None => local_mac()?,
+    };
+    info!("agent for {mac}, server {}", opts.server);
+    let mut rep = Reporter {
+        client: Client::new(&opts.server)?,
+        base: StatusReport {
+            mac: mac.clone(),
+            state: AgentState::WaitingForJob,
+            deployment: None,
+            image: None,
+            target: None,
+            done_bytes: 0,
+            total_bytes: 0,
+            uploaded_bytes: 0,
+            down_bps: 0.0,
+            up_bps: 0.0,
+            peers: 0,
+            error: None,
+            elapsed_s: 0.0,
+        },
+        started: Instant::now(),
+        reach: Reachability::default(),
+    };
+    let job = client.wait_for_job(&mac, |_| {}).await;
+    rep.base.deployment = Some(job.deployment);
+    rep.base.image = Some(job.job.image.clone());
+    match deploy(&client, &mut rep, &job, &opts).await {
+        Ok(post) => {
+            rep.send(AgentState::Done, None, None).await;
+            post_action(post)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            rep.send(AgentState::Failed, None, Some(msg)).await;
+            Err(e)
+        }
+    }
+}
+
+async fn deploy(
+    client: &Client,
+    rep: &mut Reporter,
+    job: &JobResponse,
+    opts: &AgentOptions,
+) -> Result<PostAction> {
+    let j = &job.job;
+    let image = client.fetch_image(job).await?;
+    let m = &image.manifest;
+    rep.send(AgentState::SelectingDisk, None, None).await;
+    let path = match &opts.target {
+        Some(t) => t.clone(),
+        None => {
+            let all = disks::discover()?;
+            let d = disks::select(&all, &j.target)?;
+            info!("target disk: {d}");
+            d.devnode.clone()
+        }
+    };
+    safety::check_disk(&path)?;
+    let dev = blockdev::open_target(&path)?;
+    write::check_target(&dev, &image)?;
+    rep.base.target = Some(path.display().to_string());
+    let map = m.payload_map()?;
+
+    // A disk holding an interrupted run of this image, or an incremental
+    // job, keeps what it has: librqbit checks it all and fetches the rest.
+    let resume = write::has_marker(&dev, &m.payload.info_hash);
+    let keep = resume || j.incremental;
+    let old_head = if j.incremental && !resume {
+        Some(write::read_head(&dev)?)
+    } else {
+        None
+    };
+    write::wipe_ends(&dev)?;
+    write::write_marker(&dev, &m.payload.info_hash)?;
+    let storage = DeviceStorage::writer(Arc::new(dev.file.try_clone()?), map, !keep);
+    if let Some(h) = &old_head {
+        storage.set_head(h);
+    }
+    info!(
+        "{}: {} of {} to write{}",
+        path.display(),
+        human_bytes(m.payload.size),
+        human_bytes(m.disk.size),
+        if resume {
+            " (resuming: checking what is there)"
+        } else if j.incremental {
+            " (incremental: checking what is there)"
+        } else {
+            ""
+        }
+    );
+
+    let session = SwarmSession::start(opts.listen).await?;
+    let cfg = SwarmConfig {
+        trackers: job.trackers.iter().map(|t| client.url(t)).collect(),
+        ..Default::default()
+    };
+    let torrent = session.add(&image, &storage, &cfg).await?;
+    let t0 = Instant::now();
+    let result = download(rep, &torrent).await;
+    if let Err(e) = result {
+        session.stop().await;
+        return Err(e);
+    }
+    let p = torrent.progress();
+    info!(
+        "downloaded {} in {:.1} s ({} were already on disk)",
+        human_bytes(p.total_bytes),
+        t0.elapsed().as_secs_f64(),
+        human_bytes(p.total_bytes.saturating_sub(storage.written()))
+    );
+    if j.verify == Verify::Readback {
+        rep.send(AgentState::Verifying, Some(&torrent), None).await;
+        let (img, st, f) = (image.clone(), storage.clone(), dev.file.try_clone()?);
+        tokio::task::spawn_blocking(move || verify::readback(&img, &st, &f)).await??;
+        info!("read-back verification passed");
+    }
+    rep.send(AgentState::Finishing, Some(&torrent), None).await;
+    write::finish(&dev, &image, storage.take_head().unwrap_or_default())?;
+    info!("{} is imaged and bootable", path.display());
+
+    seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
+    session.stop().await;
+    Ok(j.on_done)
+}
+
+async fn download(rep: &mut Reporter, torrent: &Torrent) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let done = torrent.wait_completed();
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            r = &mut done => return r,
+            _ = tick.tick() => {
+                torrent.check_error()?;
+                let state = if torrent.is_live() { AgentState::Downloading } else { AgentState::Checking };
+                if let Some(ack) = rep.send(state, Some(torrent), None).await && ack.stopped {
+                    anyhow::bail!("the deployment was stopped by the admin");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps uploading to the room as the job says.
+async fn seed_after(rep: &mut Reporter, torrent: &Torrent, policy: SeedPolicy, cap_minutes: u64) {
+    let limit = match policy {
+        SeedPolicy::Off => return,
+        SeedPolicy::Minutes(n) => Duration::from_secs(n * 60),
+        SeedPolicy::Deployment => Duration::from_secs(cap_minutes * 60),
+    };
+    info!("seeding ({policy}, at most {} min)", limit.as_secs() / 60);
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let ack = rep.send(AgentState::Seeding, Some(torrent), None).await;
+        if policy == SeedPolicy::Deployment && ack.is_some_and(|a| a.deployment_done || a.stopped) {
+            info!("the deployment is done; stopping the seed");
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn post_action(a: PostAction) -> Result<()> {
+    use nix::sys::reboot::{RebootMode, reboot};
+    match a {
+        PostAction::Nothing => Ok(()),
+        PostAction::Shell => {
+            std::process::Command::new("/bin/sh")
+                .status()
+                .context("starting a shell")?;
+            Ok(())
+        }
+        PostAction::Reboot | PostAction::Poweroff => {
+            nix::unistd::sync();
+            let mode = if a == PostAction::Reboot {
+                RebootMode::RB_AUTOBOOT
+            } else {
+                RebootMode::RB_POWER_OFF
+            };
+            info!("{a:?} now");
+            reboot(mode).context("rebooting")?;
+            Ok(())
+        }
+    }
+}
+
+/// BOOTIF=01-52-54-00-12-34-56 from iPXE, else the first NIC that is up.
+fn local_mac() -> Result<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(b) = cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("BOOTIF="))
+    {
+        let b = b.strip_prefix("01-").unwrap_or(b);
+        return crate::server::config::normalize_mac(b);
+    }
+    let mut names: Vec<_> = std::fs::read_dir("/sys/class/net")?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    for n in names {
+        let dir = PathBuf::from("/sys/class/net").join(&n);
+        let up = std::fs::read_to_string(dir.join("operstate"))
+            .unwrap_or_default()
+            .trim()
+            == "up";
+        let mac = std::fs::read_to_string(dir.join("address")).unwrap_or_default();
+        if n != "lo" && up && mac.trim() != "00:00:00:00:00:00" {
+            return crate::server::config::normalize_mac(mac.trim());
+        }
+    }
+    warn!("no network interface is up");
+    anyhow::bail!("cannot tell this machine's MAC address: pass --mac")
+}

@@ -78,3 +78,35 @@ pub fn finish(dev: &Dev, image: &Image, mut head: Vec<u8>) -> Result<()> {
     dev.file.sync_all().context("flushing the boot area")?;
     dev.reread_partitions()
 }
+
+/// Marks a disk that is being imaged, inside the wiped first MiB (which is
+/// written last), so that an interrupted run can resume.
+const MARKER: &[u8] = b"BLOCKSWARM-IN-PROGRESS ";
+const MARKER_AT: u64 = 512 * 1024;
+
+pub fn write_marker(dev: &Dev, info_hash: &str) -> Result<()> {
+    let mut m = MARKER.to_vec();
+    m.extend_from_slice(info_hash.as_bytes());
+    dev.file
+        .write_all_at(&m, MARKER_AT)
+        .context("writing the in-progress marker")?;
+    dev.file.sync_data()?;
+    Ok(())
+}
+
+/// Whether the disk holds an interrupted run of this image.
+pub fn has_marker(dev: &Dev, info_hash: &str) -> bool {
+    let mut buf = vec![0u8; MARKER.len() + info_hash.len()];
+    dev.file.read_exact_at(&mut buf, MARKER_AT).is_ok()
+        && buf.starts_with(MARKER)
+        && &buf[MARKER.len()..] == info_hash.as_bytes()
+}
+
+/// The first MiB as it is now (for incremental re-imaging).
+pub fn read_head(dev: &Dev) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; HEAD_LEN.min(dev.size) as usize];
+    dev.file
+        .read_exact_at(&mut head, 0)
+        .context("reading the start of the target")?;
+    Ok(head)
+}

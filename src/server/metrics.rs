@@ -23,7 +23,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let host = |h: &super::state::HostView| {
         format!(
             "{{mac=\"{}\",state=\"{}\"}}",
-            h.mac,
+            h.report.mac,
             serde_json::to_value(h.report.state)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))

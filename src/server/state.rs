@@ -55,7 +55,6 @@ pub struct DeploymentView {
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HostView {
-    pub mac: String,
     pub name: Option<String>,
     pub seen_s_ago: f64,
     pub finished_after_s: Option<f64>,
@@ -162,7 +161,7 @@ impl ServerState {
             _ => None,
         };
         hosts.insert(
-            mac,
+            mac.clone(),
             Host {
                 report: StatusReport {
                     mac: r.mac.clone(),
@@ -239,7 +238,6 @@ impl ServerState {
                 let r = &h.report;
                 let left = r.total_bytes.saturating_sub(r.done_bytes) as f64;
                 HostView {
-                    mac: mac.clone(),
                     name: self.names.get(mac).cloned(),
                     seen_s_ago: secs(now - h.seen),
                     finished_after_s: h.finished_after.map(secs),

@@ -55,6 +55,8 @@ impl SwarmSession {
                 ipv4_only: listen.is_ipv4(),
                 listen: Some(ListenerOptions {
                     listen_addr: listen,
+                    // librqbit announces no port for loopback addresses.
+                    announce_port: Some(listen.port()),
                     ipv4_only: listen.is_ipv4(),
                     ..Default::default()
                 }),

@@ -16,7 +16,9 @@ pub fn bin() -> &'static str {
 
 /// Runs a command; panics with its output if it fails.
 pub fn sh(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (is the tool installed? run scripts/install-deps)"));
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("running {cmd:?}: {e} (is the tool installed? run scripts/install-deps)")
+    });
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -29,7 +31,10 @@ pub fn sh(cmd: &mut Command) -> Output {
 
 /// Runs blockswarm and returns (success, stderr).
 pub fn bs(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin()).args(args).output().expect("running blockswarm");
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("running blockswarm");
     let mut s = String::from_utf8_lossy(&out.stderr).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stdout));
     (out.status.success(), s)
@@ -44,22 +49,32 @@ pub fn bs_ok(args: &[&str]) -> String {
 pub fn bs_err(args: &[&str]) -> String {
     let (ok, out) = bs(args);
     assert!(!ok, "blockswarm {args:?} should have failed:\n{out}");
-    assert!(!out.contains("panicked"), "blockswarm {args:?} panicked:\n{out}");
+    assert!(
+        !out.contains("panicked"),
+        "blockswarm {args:?} panicked:\n{out}"
+    );
     out
 }
 
 /// Builds a fixture disk (see tests/fixtures/mkdisk).
 pub fn mkdisk(dir: &Path, name: &str, layout: &str, scale_mib: u32) -> PathBuf {
     let out = dir.join(name);
-    sh(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mkdisk"))
-        .arg(&out)
-        .arg(layout)
-        .env("SCALE", scale_mib.to_string()));
+    sh(Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/mkdisk"
+    ))
+    .arg(&out)
+    .arg(layout)
+    .env("SCALE", scale_mib.to_string()));
     out
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A background blockswarm process, killed when dropped.
@@ -76,12 +91,19 @@ impl Drop for Proc {
 pub fn seed(image: &Path, from: Option<&Path>) -> (Proc, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut cmd = Command::new(bin());
-    cmd.arg("seed").arg(image).arg("--listen").arg(addr.to_string());
+    cmd.arg("seed")
+        .arg(image)
+        .arg("--listen")
+        .arg(addr.to_string());
     if let Some(f) = from {
         cmd.arg("--from").arg(f);
     }
     let log = tempfile::NamedTempFile::new().unwrap();
-    let child = cmd.stdout(Stdio::null()).stderr(log.reopen().unwrap()).spawn().unwrap();
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
     let mut p = Proc(child);
     let t0 = Instant::now();
     loop {
@@ -93,7 +115,10 @@ pub fn seed(image: &Path, from: Option<&Path>) -> (Proc, SocketAddr) {
         if let Ok(Some(st)) = p.0.try_wait() {
             panic!("seed exited with {st}:\n{s}");
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "seed did not start:\n{s}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "seed did not start:\n{s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -122,7 +147,11 @@ pub fn assert_untouched_outside(image: &Path, tgt: &Path) {
     let img = Image::open(image).unwrap();
     let t = std::fs::File::open(tgt).unwrap();
     let size = t.metadata().unwrap().len();
-    let mut used: Vec<(u64, u64)> = img.manifest.extents().map(|e| (e.start, e.start + e.len)).collect();
+    let mut used: Vec<(u64, u64)> = img
+        .manifest
+        .extents()
+        .map(|e| (e.start, e.start + e.len))
+        .collect();
     used.push((0, 1 << 20));
     used.push((size - (1 << 20), size));
     used.sort();
@@ -134,7 +163,10 @@ pub fn assert_untouched_outside(image: &Path, tgt: &Path) {
             let mut b = vec![0u8; n];
             t.read_exact_at(&mut b, off).unwrap();
             if let Some(i) = b.iter().position(|&x| x != MARK) {
-                panic!("byte {} outside the used extents was written", off + i as u64);
+                panic!(
+                    "byte {} outside the used extents was written",
+                    off + i as u64
+                );
             }
             off += n as u64;
         }
@@ -154,7 +186,10 @@ pub fn assert_untouched_outside(image: &Path, tgt: &Path) {
 /// except the byte ranges in `allowed` (which the receiver rewrites).
 pub fn assert_extents_equal(image: &Path, src: &Path, tgt: &Path, allowed: &[(u64, u64)]) {
     let img = Image::open(image).unwrap();
-    let (s, t) = (std::fs::File::open(src).unwrap(), std::fs::File::open(tgt).unwrap());
+    let (s, t) = (
+        std::fs::File::open(src).unwrap(),
+        std::fs::File::open(tgt).unwrap(),
+    );
     let mut total = 0u64;
     for e in img.manifest.extents() {
         let mut off = e.start;
@@ -209,5 +244,9 @@ pub fn read_sums(path: &Path) -> Vec<(String, String)> {
 
 pub fn sha256(path: &Path) -> String {
     let out = sh(Command::new("sha256sum").arg(path));
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

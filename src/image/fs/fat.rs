@@ -52,8 +52,7 @@ fn le32(b: &[u8], o: usize) -> u64 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]).into()
 }
 
-/// Validates the BPB and derives the layout; the type follows Microsoft's
-/// cluster-count rule and must agree with the BPB's FAT12/16 vs FAT32 shape.
+/// Validates the BPB and derives the layout.
 fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
     ensure!(bs[510..512] == [0x55, 0xAA], "no 0x55AA boot signature");
     let bps = le16(bs, 11);
@@ -89,23 +88,16 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
         bail!("{total} total sectors cannot hold {meta} sectors of reserved area, FATs and root");
     };
     let clusters = data_sectors / spc;
-    let ty = match clusters {
-        0 => bail!("no data clusters"),
-        1..4085 => FatType::Fat12,
-        4085..65525 => FatType::Fat16,
-        _ => FatType::Fat32,
-    };
-    if ty == FatType::Fat32 {
-        ensure!(
-            fat_sz16 == 0 && root_entries == 0,
-            "{clusters} clusters make FAT32, but the BPB has a FAT12/16 FAT size or root directory"
-        );
+    ensure!(clusters > 0, "no data clusters");
+    // FAT32 by the BPB's shape, as Linux and UEFI firmware read it: small
+    // FAT32 ESPs (under 65525 clusters) are common. Else by cluster count.
+    let ty = if fat_sz16 == 0 && root_entries == 0 {
+        FatType::Fat32
+    } else if clusters < 4085 {
+        FatType::Fat12
     } else {
-        ensure!(
-            fat_sz16 != 0 && root_entries != 0,
-            "{clusters} clusters make {ty:?}, but the BPB is shaped as FAT32"
-        );
-    }
+        FatType::Fat16
+    };
     let fat_len = fat_sz * bps;
     let need = (clusters + 2) * ty.bits();
     ensure!(
@@ -123,27 +115,28 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
     })
 }
 
-fn read_layout(dev: &DevSlice) -> Result<Layout> {
+fn boot_sector(dev: &DevSlice) -> Result<[u8; 512]> {
     let mut bs = [0u8; 512];
     dev.read_at(0, &mut bs)
         .context("reading the FAT boot sector")?;
-    parse_bpb(&bs).context("invalid FAT boot sector")
+    Ok(bs)
 }
 
-/// Whether `dev` starts with a consistent FAT12/16/32 boot sector.
+/// Whether `dev` holds a FAT file system: a boot sector that names itself
+/// FAT (then a bad BPB is an error, not "unknown"), or a consistent BPB.
 pub fn probe(dev: &DevSlice) -> Result<bool> {
     if dev.len() < 512 {
         return Ok(false);
     }
-    let mut bs = [0u8; 512];
-    dev.read_at(0, &mut bs)
-        .context("reading the FAT boot sector")?;
-    Ok(parse_bpb(&bs).is_ok())
+    let bs = boot_sector(dev)?;
+    let named =
+        bs[510..512] == [0x55, 0xAA] && (bs[0x36..0x39] == *b"FAT" || bs[0x52..0x57] == *b"FAT32");
+    Ok(named || parse_bpb(&bs).is_ok())
 }
 
 /// Used extents, relative to the start of `dev`.
 pub fn used_extents(dev: &DevSlice) -> Result<Vec<Extent>> {
-    let l = read_layout(dev)?;
+    let l = parse_bpb(&boot_sector(dev)?).context("invalid FAT boot sector")?;
     ensure!(
         l.fs_len <= dev.len(),
         "FAT file system is {} bytes but its region has only {} (truncated?)",

@@ -70,11 +70,11 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Bpb> {
     })
 }
 
-fn read_bpb(dev: &DevSlice) -> Result<Bpb> {
+fn boot_sector(dev: &DevSlice) -> Result<[u8; 512]> {
     let mut bs = [0u8; 512];
     dev.read_at(0, &mut bs)
         .context("reading the NTFS boot sector")?;
-    parse_bpb(&bs).context("invalid NTFS boot sector")
+    Ok(bs)
 }
 
 /// Whether `dev` starts with an NTFS boot sector with a sane BPB.
@@ -82,16 +82,13 @@ pub fn probe(dev: &DevSlice) -> Result<bool> {
     if dev.len() < 512 {
         return Ok(false);
     }
-    let mut bs = [0u8; 512];
-    dev.read_at(0, &mut bs)
-        .context("reading the NTFS boot sector")?;
-    Ok(parse_bpb(&bs).is_ok())
+    Ok(parse_bpb(&boot_sector(dev)?).is_ok())
 }
 
 /// Used extents, relative to the start of `dev`.
 pub fn used_extents(dev: &DevSlice) -> Result<Vec<Extent>> {
-    let bpb = read_bpb(dev)?;
-    // Both fit: clusters * cluster_size <= total_sectors * sector_size.
+    let bpb = parse_bpb(&boot_sector(dev)?).context("invalid NTFS boot sector")?;
+    // clusters * cluster_size <= vol_len, so only vol_len can overflow.
     let vol_len = bpb
         .total_sectors
         .checked_mul(bpb.sector_size)
