@@ -171,7 +171,7 @@ async fn deploy(
         }
     );
 
-    let session = SwarmSession::start(opts.listen).await?;
+    let session = SwarmSession::start(opts.listen, None).await?;
     let cfg = SwarmConfig {
         trackers: job.trackers.iter().map(|t| client.url(t)).collect(),
         ..Default::default()

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     /// BitTorrent port of the server's seeds.
     #[serde(default = "default_seed_listen")]
     pub seed_listen: SocketAddr,
+    /// Cap on the seeds' total upload, bytes per second ("100M"); none by default.
+    pub seed_upload_limit: Option<crate::protocol::Size>,
     /// Where Wake-on-LAN magic packets go.
     #[serde(default = "default_wol")]
     pub wol_broadcast: SocketAddr,
@@ -40,6 +42,14 @@ pub struct ServerConfig {
     pub default_job: Option<Job>,
     #[serde(default, rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Network boot: the directory holding `vmlinuz` and `initramfs.img`
+    /// (made by initramfs/build), served at /boot/ for the iPXE script.
+    #[serde(default = "default_boot_dir")]
+    pub boot_dir: PathBuf,
+    /// Extra kernel command-line arguments for network-booted PCs,
+    /// e.g. "blockswarm.on_fail=shell".
+    #[serde(default)]
+    pub boot_args: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +83,9 @@ fn default_interval() -> u64 {
 }
 fn default_seed_listen() -> SocketAddr {
     "0.0.0.0:6881".parse().expect("valid")
+}
+fn default_boot_dir() -> PathBuf {
+    "boot".into()
 }
 fn default_wol() -> SocketAddr {
     "255.255.255.255:9".parse().expect("valid")

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use tracing::info;
 
 pub mod api;
+pub mod boot;
 pub mod config;
 pub mod dashboard;
 pub mod metrics;
@@ -41,7 +42,11 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
-    let seeds = crate::swarm::SwarmSession::start(Some(cfg.seed_listen)).await?;
+    let seeds = crate::swarm::SwarmSession::start(
+        Some(cfg.seed_listen),
+        cfg.seed_upload_limit.map(|s| s.0),
+    )
+    .await?;
     let state = Arc::new(ServerState::new(cfg, seeds));
     info!(
         "serving {} on http://{} (dashboard at {}/), tracker {}, seeds on {}",

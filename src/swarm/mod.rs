@@ -35,7 +35,8 @@ pub struct SwarmSession {
 }
 
 impl SwarmSession {
-    pub async fn start(listen: Option<SocketAddr>) -> Result<Self> {
+    /// `upload_limit`: bytes per second for all uploads of the session.
+    pub async fn start(listen: Option<SocketAddr>, upload_limit: Option<u64>) -> Result<Self> {
         let listen = match listen {
             Some(a) if a.port() != 0 => a,
             // librqbit does not report the port it picks for port 0.
@@ -63,6 +64,11 @@ impl SwarmSession {
                 client_name_and_version: Some(
                     concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into(),
                 ),
+                ratelimits: librqbit::limits::LimitsConfig {
+                    upload_bps: upload_limit
+                        .and_then(|l| std::num::NonZeroU32::new(l.min(u64::from(u32::MAX)) as u32)),
+                    download_bps: None,
+                },
                 ..Default::default()
             },
         )
@@ -173,7 +179,7 @@ pub struct Swarm {
 
 impl Swarm {
     pub async fn join(image: &Image, storage: &DeviceStorage, cfg: &SwarmConfig) -> Result<Self> {
-        let session = SwarmSession::start(cfg.listen).await?;
+        let session = SwarmSession::start(cfg.listen, None).await?;
         let torrent = session.add(image, storage, cfg).await?;
         Ok(Self { session, torrent })
     }

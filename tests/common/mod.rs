@@ -156,7 +156,7 @@ pub fn assert_untouched_outside(image: &Path, tgt: &Path) {
     used.push((size - (1 << 20), size));
     used.sort();
     let mut pos = 0u64;
-    let mut check = |lo: u64, hi: u64| {
+    let check = |lo: u64, hi: u64| {
         let mut off = lo;
         while off < hi {
             let n = (hi - off).min(1 << 20) as usize;
@@ -250,3 +250,203 @@ pub fn sha256(path: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// GET a URL with curl: (HTTP status, body).
+pub fn http_get(url: &str) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-g",
+            "--path-as-is",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()
+        .expect("curl");
+    let mut body = out.stdout;
+    let pos = body.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    let code = String::from_utf8_lossy(&body[pos + 1..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    body.truncate(pos);
+    (code, body)
+}
+
+pub fn http_json(url: &str) -> serde_json::Value {
+    let (code, body) = http_get(url);
+    assert_eq!(code, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// A running `blockswarm serve` on loopback, with its store in `dir`.
+pub struct Server {
+    pub proc: Proc,
+    pub url: String,
+    pub port: u16,
+    pub seed_port: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// `extra` is appended to the generated server.toml.
+    pub fn start(dir: &Path, deploy: Option<usize>, extra: &str) -> Server {
+        Self::start_on(dir, deploy, extra, free_port(), free_port())
+    }
+
+    pub fn start_on(
+        dir: &Path,
+        deploy: Option<usize>,
+        extra: &str,
+        port: u16,
+        seed_port: u16,
+    ) -> Server {
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        let cfg = format!(
+            "listen = \"127.0.0.1:{port}\"\nseed_listen = \"127.0.0.1:{seed_port}\"\nimages = \"{}\"\nadmin_token = \"t0ken\"\nannounce_interval = 2\n{extra}\n",
+            dir.join("images").display()
+        );
+        std::fs::write(dir.join("server.toml"), cfg).unwrap();
+        let log = dir.join(format!("serve-{port}.log"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(dir.join("server.toml"));
+        if let Some(n) = deploy {
+            cmd.arg("--deploy").arg(n.to_string());
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            proc: Proc(child),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            seed_port,
+            dir: dir.to_owned(),
+            log,
+        };
+        s.wait_for(
+            |v| v["id"].is_number() || deploy.is_none(),
+            "the server to answer",
+        );
+        s
+    }
+
+    pub fn view(&self) -> serde_json::Value {
+        http_json(&format!("{}/api/v1/deployment", self.url))
+    }
+
+    /// Polls the deployment view until `f` holds (60 s at most).
+    pub fn wait_for(
+        &self,
+        f: impl Fn(&serde_json::Value) -> bool,
+        what: &str,
+    ) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let (code, body) = http_get(&format!("{}/api/v1/deployment", self.url));
+            if code == 200 {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if f(&v) {
+                    return v;
+                }
+            }
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(!log.starts_with("error:"), "the server failed:\n{log}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "timed out waiting for {what}; server log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until image `name` is seeding.
+    pub fn wait_seeding(&self, name: &str) {
+        self.wait_for(
+            |v| {
+                v["images"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|i| i["name"] == name && i["state"] == "seeding")
+            },
+            "the image to be seeding",
+        );
+    }
+}
+
+/// A running agent writing to `target`; its log is kept.
+pub struct Agent {
+    pub proc: Proc,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(server: &str, mac: &str, target: &Path) -> Agent {
+        let log = target.with_extension("agent.log");
+        let child = Command::new(bin())
+            .args(["agent", "--server", server, "--mac", mac, "--target"])
+            .arg(target)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        Agent {
+            proc: Proc(child),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the agent to exit; panics with its log on failure or timeout.
+    pub fn wait_ok(&mut self, secs: u64) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.proc.0.try_wait().unwrap() {
+                assert!(st.success(), "agent failed ({st}):\n{}", self.log());
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "agent did not finish in {secs} s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_log(&self, text: &str, secs: u64) {
+        let t0 = Instant::now();
+        while !self.log().contains(text) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "agent never said {text:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The job every test host gets: write, don't reboot, seed until done.
+pub const TEST_JOB: &str =
+    "on_done = \"nothing\"\nkeep_seeding = \"deployment\"\nseed_cap_minutes = 2\n";

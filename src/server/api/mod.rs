@@ -21,6 +21,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(super::dashboard::page))
         .route("/metrics", get(super::metrics::metrics))
         .route("/announce", get(announce))
+        .route("/boot.ipxe", get(super::boot::ipxe_script))
+        .route("/boot/{file}", get(super::boot::boot_file))
         .route("/images/{name}/{file}", get(agent::image_file))
         .route("/api/v1/jobs/{mac}", get(agent::job))
         .route("/api/v1/status", post(agent::status))

@@ -1,0 +1,133 @@
+//! Network boot: the iPXE script and the deploy kernel and initramfs.
+//!
+//! dnsmasq (pxe/) hands PCs iPXE over TFTP; iPXE then chains to
+//! `/boot.ipxe`, which loads `/boot/vmlinuz` and `/boot/initramfs.img`
+//! (made by initramfs/build, kept in `boot_dir`) with a command line that
+//! tells the initramfs which NIC booted and where this server is.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::api::{AppState, error};
+
+/// The only files served from `boot_dir`.
+pub const BOOT_FILES: [&str; 2] = ["vmlinuz", "initramfs.img"];
+
+/// `GET /boot.ipxe`: the script iPXE chains to.
+pub async fn ipxe_script(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    // Without a configured public_url, the address iPXE reached us at.
+    let base = match (&s.config.public_url, headers.get(header::HOST)) {
+        (None, Some(h)) if h.to_str().is_ok() => format!("http://{}", h.to_str().unwrap_or("")),
+        _ => s.config.public_url(),
+    };
+    let body = script(&base, &s.config.boot_args);
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// The iPXE script for a server at `base` (no trailing slash).
+pub fn script(base: &str, extra_args: &str) -> String {
+    let base = base.trim_end_matches('/');
+    // `${netX/...}` is the NIC iPXE last opened: the one that booted.
+    // BOOTIF tells the initramfs (and the agent) which NIC and MAC to use;
+    // `initrd=` names the initrd for the EFI stub. The last console= is
+    // /dev/console (the screen); the initramfs mirrors its messages to all.
+    let mut args = format!(
+        "initrd=initramfs.img BOOTIF=01-${{netX/mac:hexhyp}} blockswarm.server={base} \
+         console=ttyS0,115200 console=tty0"
+    );
+    if !extra_args.trim().is_empty() {
+        args.push(' ');
+        args.push_str(extra_args.trim());
+    }
+    format!(
+        "#!ipxe\n\
+         # blockswarm network boot, served by `blockswarm serve`\n\
+         echo blockswarm: ${{netX/mac}} (${{netX/ip}}) loading the deploy system from {base}\n\
+         :retry\n\
+         kernel {base}/boot/vmlinuz {args} || goto failed\n\
+         initrd --name initramfs.img {base}/boot/initramfs.img || goto failed\n\
+         boot || goto failed\n\
+         :failed\n\
+         echo blockswarm: network boot failed, trying again in 10 s\n\
+         imgfree\n\
+         sleep 10\n\
+         goto retry\n"
+    )
+}
+
+/// `GET /boot/{file}`: the deploy kernel or initramfs from `boot_dir`.
+pub async fn boot_file(State(s): State<AppState>, Path(file): Path<String>) -> Response {
+    if !BOOT_FILES.contains(&file.as_str()) {
+        return error(StatusCode::NOT_FOUND, format!("no boot file {file:?}"));
+    }
+    let path = s.config.boot_dir.join(&file);
+    match cached_read(path.clone()).await {
+        Ok(b) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{} is missing: build it with initramfs/build and set boot_dir",
+                path.display()
+            ),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading {}: {e}", path.display()),
+        ),
+    }
+}
+
+type Cache = HashMap<PathBuf, (SystemTime, u64, Bytes)>;
+
+/// A room of PCs fetches the same two files at once: keep one copy in
+/// memory, read again when the file changes (mtime or size).
+async fn cached_read(path: PathBuf) -> std::io::Result<Bytes> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let meta = tokio::fs::metadata(&path).await?;
+    let stamp = (meta.modified()?, meta.len());
+    if let Some((t, n, b)) = cache.lock().expect("cache lock").get(&path)
+        && (*t, *n) == stamp
+    {
+        return Ok(b.clone());
+    }
+    let b = Bytes::from(tokio::fs::read(&path).await?);
+    cache
+        .lock()
+        .expect("cache lock")
+        .insert(path, (stamp.0, stamp.1, b.clone()));
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_boots_the_agent_with_bootif_and_server() {
+        let s = script("http://10.0.0.1:8080/", "blockswarm.on_fail=shell");
+        assert!(s.starts_with("#!ipxe\n"), "{s}");
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        assert!(
+            kernel.starts_with("kernel http://10.0.0.1:8080/boot/vmlinuz "),
+            "{kernel}"
+        );
+        for want in [
+            "initrd=initramfs.img",
+            "BOOTIF=01-${netX/mac:hexhyp}",
+            "blockswarm.server=http://10.0.0.1:8080 ",
+            "console=ttyS0,115200",
+            "blockswarm.on_fail=shell",
+        ] {
+            assert!(kernel.contains(want), "{want} missing: {kernel}");
+        }
+        assert!(s.contains("initrd --name initramfs.img http://10.0.0.1:8080/boot/initramfs.img"));
+    }
+}
