@@ -185,10 +185,11 @@ async fn deploy(
     }
     let p = torrent.progress();
     info!(
-        "downloaded {} in {:.1} s ({} were already on disk)",
+        "downloaded {} in {:.1} s: {} bytes fetched, {} bytes already on disk",
         human_bytes(p.total_bytes),
         t0.elapsed().as_secs_f64(),
-        human_bytes(p.total_bytes.saturating_sub(storage.written()))
+        storage.written(),
+        p.total_bytes.saturating_sub(storage.written())
     );
     if j.verify == Verify::Readback {
         rep.send(AgentState::Verifying, Some(&torrent), None).await;
