@@ -88,3 +88,206 @@ fn stock_clients_accept_the_torrent_and_its_piece_hashes() {
         "aria2c accepted a corrupt payload:\n{text}"
     );
 }
+
+/// aria2c flags that keep it on loopback: no DHT, no LPD, no PEX.
+const ARIA2_LOCAL: &[&str] = &[
+    "--enable-dht=false",
+    "--enable-dht6=false",
+    "--bt-enable-lpd=false",
+    "--enable-peer-exchange=false",
+    "--console-log-level=warn",
+    "--summary-interval=0",
+    "--bt-tracker-interval=2",
+];
+
+fn served_torrent(srv: &Server, dir: &std::path::Path) -> std::path::PathBuf {
+    let (code, tor) = http_get(&format!("{}/images/lab/image.torrent", srv.url));
+    assert_eq!(code, 200);
+    let p = dir.join("served.torrent");
+    std::fs::write(&p, tor).unwrap();
+    p
+}
+
+fn lab(t: &std::path::Path) -> std::path::PathBuf {
+    let disk = mkdisk(t, "master.img", "gpt", 16);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        t.join("images/lab").to_str().unwrap(),
+        "--store",
+    ]);
+    disk
+}
+
+#[test]
+fn aria2c_downloads_from_our_seed_through_our_tracker() {
+    let t = tempfile::tempdir().unwrap();
+    lab(t.path());
+    let srv = Server::start(t.path(), Some(0), "[default_job]\nimage = \"lab\"\n");
+    srv.wait_seeding("lab");
+    let torrent = served_torrent(&srv, t.path());
+    let out_dir = t.path().join("aria");
+    let out = Command::new("timeout")
+        .args([
+            "120",
+            "aria2c",
+            "--seed-time=0",
+            &format!("--listen-port={}", free_port()),
+            "-d",
+        ])
+        .arg(&out_dir)
+        .args(ARIA2_LOCAL)
+        .arg(&torrent)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "aria2c failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        sha256(&out_dir.join("payload.bin")),
+        sha256(&t.path().join("images/lab/payload.bin"))
+    );
+}
+
+/// Our agent fills a target from a swarm whose only seed is a stock client.
+fn agent_from_stock_seed(start_seed: impl FnOnce(&Server, &std::path::Path) -> Proc) {
+    let t = tempfile::tempdir().unwrap();
+    let disk = lab(t.path());
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let srv = Server::start(
+        t.path(),
+        Some(1),
+        &format!("seed = false\n[default_job]\nimage = \"lab\"\n{TEST_JOB}"),
+    );
+    srv.wait_for(
+        |v| v["images"][0]["state"] == "external",
+        "the image to load",
+    );
+    let _seed = start_seed(&srv, t.path());
+    let tgt = t.path().join("pc.img");
+    blank_target(&tgt, size, true);
+    let mut a = Agent::start(&srv.url, "52:54:00:00:40:01", &tgt);
+    a.wait_ok(180);
+    assert_extents_equal(&t.path().join("images/lab"), &disk, &tgt, &[]);
+    assert_eq!(
+        srv.view()["images"][0]["uploaded_bytes"],
+        0,
+        "the server seeded after all"
+    );
+}
+
+#[test]
+fn agent_completes_from_an_aria2c_seed() {
+    agent_from_stock_seed(|srv, dir| {
+        let torrent = served_torrent(srv, dir);
+        let child = Command::new("aria2c")
+            .args([
+                "--check-integrity=true",
+                "--seed-ratio=0.0",
+                &format!("--listen-port={}", free_port()),
+                "-d",
+            ])
+            .arg(dir.join("images/lab"))
+            .args(ARIA2_LOCAL)
+            .arg(&torrent)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    });
+}
+
+#[test]
+fn agent_completes_from_a_transmission_seed() {
+    agent_from_stock_seed(|srv, dir| {
+        let torrent = served_torrent(srv, dir);
+        let conf = dir.join("transmission");
+        std::fs::create_dir_all(&conf).unwrap();
+        // Loopback only: no DHT, LPD, PEX, uTP or port mapping.
+        std::fs::write(
+            conf.join("settings.json"),
+            r#"{"dht-enabled": false, "lpd-enabled": false, "pex-enabled": false, "utp-enabled": false, "port-forwarding-enabled": false, "blocklist-enabled": false, "bind-address-ipv4": "127.0.0.1", "bind-address-ipv6": "::1"}"#,
+        )
+        .unwrap();
+        let child = Command::new("transmission-cli")
+            .args(["-g"])
+            .arg(&conf)
+            .args(["-M", "-p", &free_port().to_string(), "-w"])
+            .arg(dir.join("images/lab"))
+            .arg(&torrent)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    });
+}
+
+#[test]
+fn opentracker_replaces_our_tracker() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = lab(t.path());
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let hash = blockswarm::image::Image::open(&t.path().join("images/lab"))
+        .unwrap()
+        .manifest
+        .payload
+        .info_hash;
+    // Debian's opentracker only tracks whitelisted hashes, refuses to run
+    // as root, and chroots to -d.
+    let root = t.path().join("opentracker");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("whitelist.txt"), format!("{hash}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [t.path(), root.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let port = free_port();
+    let _ot = Proc(
+        Command::new("opentracker")
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-P",
+                &port.to_string(),
+                "-d",
+            ])
+            .arg(&root)
+            .args(["-w", "whitelist.txt", "-u", "_opentracker"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let announce = format!("http://127.0.0.1:{port}/announce");
+    let srv = Server::start(
+        t.path(),
+        Some(2),
+        &format!("tracker = \"{announce}\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}"),
+    );
+    srv.wait_seeding("lab");
+    let torrent = served_torrent(&srv, t.path());
+    assert!(String::from_utf8_lossy(&std::fs::read(&torrent).unwrap()).contains(&announce));
+    let mut agents: Vec<(Agent, std::path::PathBuf)> = (0..2)
+        .map(|i| {
+            let tgt = t.path().join(format!("pc{i}.img"));
+            blank_target(&tgt, size, false);
+            (
+                Agent::start(&srv.url, &format!("52:54:00:00:50:0{i}"), &tgt),
+                tgt,
+            )
+        })
+        .collect();
+    for (a, tgt) in &mut agents {
+        a.wait_ok(180);
+        assert_extents_equal(&t.path().join("images/lab"), &disk, tgt, &[]);
+    }
+    // Our own tracker saw nobody: opentracker did the work.
+    assert_eq!(srv.view()["images"][0]["leechers"], 0);
+    assert_eq!(srv.view()["images"][0]["seeders"], 0);
+}

@@ -10,8 +10,15 @@ use common::*;
 
 /// (fetched, already on disk) from an agent's log.
 fn fetched(log: &str) -> (u64, u64) {
-    let line = log.lines().rev().find(|l| l.contains("bytes fetched")).unwrap_or_else(|| panic!("no summary line:\n{log}"));
-    let nums: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("bytes fetched"))
+        .unwrap_or_else(|| panic!("no summary line:\n{log}"));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
     let n = nums.len();
     (nums[n - 2], nums[n - 1])
 }
@@ -21,21 +28,40 @@ fn killed_agent_resumes_where_it_was() {
     let t = tempfile::tempdir().unwrap();
     let disk = mkdisk(t.path(), "master.img", "gpt", 24);
     let size = std::fs::metadata(&disk).unwrap().len();
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", t.path().join("images/lab").to_str().unwrap(), "--store"]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        t.path().join("images/lab").to_str().unwrap(),
+        "--store",
+    ]);
     let cfg = format!("seed_upload_limit = \"8M\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}");
     let srv = Server::start(t.path(), Some(1), &cfg);
     srv.wait_seeding("lab");
     let tgt = t.path().join("pc.img");
     blank_target(&tgt, size, true);
     let a = Agent::start(&srv.url, "52:54:00:00:20:01", &tgt);
-    srv.wait_for(|v| v["hosts"][0]["done_bytes"].as_u64().unwrap_or(0) > 20 << 20, "half the image");
+    srv.wait_for(
+        |v| v["hosts"][0]["done_bytes"].as_u64().unwrap_or(0) > 20 << 20,
+        "half the image",
+    );
     drop(a); // SIGKILL, mid-download
     // The half-written disk has no partition table and no file system at its start.
     let head = std::fs::read(&tgt).unwrap()[..1 << 20].to_vec();
-    assert!(head[..512].iter().all(|&b| b == 0), "the MBR was written before the end");
-    let out = Command::new("blkid").args(["-p", "-o", "export"]).arg(&tgt).output().unwrap();
+    assert!(
+        head[..512].iter().all(|&b| b == 0),
+        "the MBR was written before the end"
+    );
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&tgt)
+        .output()
+        .unwrap();
     let found = String::from_utf8_lossy(&out.stdout);
-    assert!(!found.contains("PTTYPE") && !found.contains("TYPE="), "a half-written disk looks like something: {found}");
+    assert!(
+        !found.contains("PTTYPE") && !found.contains("TYPE="),
+        "a half-written disk looks like something: {found}"
+    );
 
     let mut b = Agent::start(&srv.url, "52:54:00:00:20:01", &tgt);
     b.wait_ok(180);
@@ -53,17 +79,32 @@ fn change_master(disk: &Path, image: &Path) -> u64 {
     let d = tempfile::tempdir().unwrap();
     let new = d.path().join("new.bin");
     let budget = m.payload.size / 40; // two files: 5% in all
-    std::fs::write(&new, (0..budget).map(|i| (i * 7919 % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(
+        &new,
+        (0..budget)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
     for r in &m.regions {
         let part = d.path().join("part.img");
         match r.fs.as_ref().map(|f| f.to_string()).as_deref() {
             Some("ext") => {
                 extract(disk, r.start, r.len, &part);
-                sh(Command::new("debugfs").arg("-w").arg("-R").arg(format!("write {} term2.bin", new.display())).arg(&part));
+                sh(Command::new("debugfs")
+                    .arg("-w")
+                    .arg("-R")
+                    .arg(format!("write {} term2.bin", new.display()))
+                    .arg(&part));
             }
             Some("fat") => {
                 extract(disk, r.start, r.len, &part);
-                sh(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&part).arg(&new).arg("::/TERM2.BIN"));
+                sh(Command::new("mcopy")
+                    .env("MTOOLS_SKIP_CHECK", "1")
+                    .arg("-i")
+                    .arg(&part)
+                    .arg(&new)
+                    .arg("::/TERM2.BIN"));
             }
             _ => continue,
         }
@@ -80,12 +121,20 @@ fn incremental_reimaging_fetches_only_changes() {
     let disk = mkdisk(t.path(), "master.img", "gpt", 32);
     let size = std::fs::metadata(&disk).unwrap().len();
     let v1 = t.path().join("images/lab");
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", v1.to_str().unwrap(), "--store"]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        v1.to_str().unwrap(),
+        "--store",
+    ]);
     let cfg = format!("seed_upload_limit = \"20M\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}");
     let srv = Server::start(t.path(), Some(2), &cfg);
     srv.wait_seeding("lab");
     let macs = ["52:54:00:00:30:01", "52:54:00:00:30:02"];
-    let tgts: Vec<_> = (0..2).map(|i| t.path().join(format!("pc{i}.img"))).collect();
+    let tgts: Vec<_> = (0..2)
+        .map(|i| t.path().join(format!("pc{i}.img")))
+        .collect();
     let t0 = Instant::now();
     let mut agents: Vec<Agent> = (0..2)
         .map(|i| {
@@ -100,19 +149,46 @@ fn incremental_reimaging_fetches_only_changes() {
     // Next term: 5% of the master changes; capture it as a new image.
     let changed = change_master(&disk, &v1);
     let v2 = t.path().join("images/lab2");
-    bs_ok(&["capture", disk.to_str().unwrap(), "--out", v2.to_str().unwrap(), "--store"]);
+    bs_ok(&[
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        v2.to_str().unwrap(),
+        "--store",
+    ]);
     srv.wait_seeding("lab2");
     let job = t.path().join("job.toml");
-    std::fs::write(&job, format!("image = \"lab2\"\nincremental = true\n{TEST_JOB}")).unwrap();
+    std::fs::write(
+        &job,
+        format!("image = \"lab2\"\nincremental = true\n{TEST_JOB}"),
+    )
+    .unwrap();
     for m in macs {
-        bs_ok(&["admin", "--server", &srv.url, "--token", "t0ken", "set-job", m, job.to_str().unwrap()]);
+        bs_ok(&[
+            "admin",
+            "--server",
+            &srv.url,
+            "--token",
+            "t0ken",
+            "set-job",
+            m,
+            job.to_str().unwrap(),
+        ]);
     }
-    bs_ok(&["admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "2"]);
+    bs_ok(&[
+        "admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "2",
+    ]);
     let t1 = Instant::now();
-    let mut agents: Vec<Agent> = (0..2).map(|i| Agent::start(&srv.url, macs[i], &tgts[i])).collect();
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(&srv.url, macs[i], &tgts[i]))
+        .collect();
     agents.iter_mut().for_each(|a| a.wait_ok(180));
     let inc = t1.elapsed().as_secs_f64();
-    let payload = blockswarm::image::Image::open(&v2).unwrap().manifest.payload.size;
+    let payload = blockswarm::image::Image::open(&v2)
+        .unwrap()
+        .manifest
+        .payload
+        .size;
     let mut inc_fetched = 0;
     for (a, tgt) in agents.iter().zip(&tgts) {
         let log = a.log();

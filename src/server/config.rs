@@ -30,6 +30,9 @@ pub struct ServerConfig {
     /// BitTorrent port of the server's seeds.
     #[serde(default = "default_seed_listen")]
     pub seed_listen: SocketAddr,
+    /// Seed the store's images; false leaves seeding to other clients.
+    #[serde(default = "default_true")]
+    pub seed: bool,
     /// Cap on the seeds' total upload, bytes per second ("100M"); none by default.
     pub seed_upload_limit: Option<crate::protocol::Size>,
     /// Where Wake-on-LAN magic packets go.
@@ -69,6 +72,9 @@ pub struct HostConfig {
     pub job: Option<Job>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_listen() -> SocketAddr {
     "0.0.0.0:8080".parse().expect("valid")
 }

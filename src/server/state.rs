@@ -274,6 +274,7 @@ impl ServerState {
                     .map(|h| self.tracker.counts(&h))
                     .unwrap_or_default();
                 let (state, error) = match &s.state {
+                    SeedState::External => ("external", None),
                     SeedState::Verifying => ("verifying", None),
                     SeedState::Seeding => ("seeding", None),
                     SeedState::Failed(e) => ("failed", Some(e.clone())),

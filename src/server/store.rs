@@ -22,6 +22,8 @@ use crate::swarm::{SwarmConfig, SwarmSession, Torrent};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "detail")]
 pub enum SeedState {
+    /// Served to agents, seeded by other clients (`seed = false`).
+    External,
     Verifying,
     Seeding,
     Failed(String),
@@ -150,7 +152,17 @@ pub async fn sync(
         };
         failures.remove(&name);
         let hash = crate::util::parse_hex20(&img.manifest.payload.info_hash);
-        let (source, torrent, state) = match add(cfg, session, &img, device.as_deref()).await {
+        let added = if cfg.seed {
+            add(cfg, session, &img, device.as_deref()).await
+        } else {
+            Err(anyhow::anyhow!("seeding is off"))
+        };
+        let (source, torrent, state) = match added {
+            Err(_) if !cfg.seed => (
+                device.clone().unwrap_or_else(|| img.store_path()),
+                None,
+                SeedState::External,
+            ),
             Ok((src, t)) => (src, Some(t), SeedState::Verifying),
             Err(e) => (
                 device.clone().unwrap_or_else(|| img.store_path()),
@@ -160,6 +172,8 @@ pub async fn sync(
         };
         if let SeedState::Failed(e) = &state {
             warn!("image {name}: cannot seed: {e}");
+        } else if state == SeedState::External {
+            info!("image {name}: loaded; seeding is left to other clients");
         } else {
             info!(
                 "image {name}: loaded from {}, verifying its source",
