@@ -44,6 +44,8 @@ struct Inner {
     writable: bool,
     /// Device bytes `[0, head.len())`, when held.
     head: Option<Mutex<Vec<u8>>>,
+    /// `head.len()`, readable without the lock; 0 once taken.
+    head_len: AtomicU64,
     fresh: AtomicBool,
     written: AtomicU64,
 }
@@ -60,13 +62,19 @@ impl DeviceStorage {
     }
 
     fn new(file: Arc<File>, map: PayloadMap, writable: bool, fresh: bool) -> Self {
-        let head = writable.then(|| Mutex::new(vec![0u8; HEAD_LEN.min(map.device_end()) as usize]));
+        let head_len = if writable {
+            HEAD_LEN.min(map.device_end())
+        } else {
+            0
+        };
+        let head = writable.then(|| Mutex::new(vec![0u8; head_len as usize]));
         Self {
             inner: Arc::new(Inner {
                 file,
                 map,
                 writable,
                 head,
+                head_len: AtomicU64::new(head_len),
                 fresh: AtomicBool::new(fresh),
                 written: AtomicU64::new(0),
             }),
@@ -141,32 +149,30 @@ impl DeviceStorage {
     }
 
     /// Walks the device segments of a payload range, splitting off the part
-    /// that falls in the held head, and calls `f` for each.
+    /// that falls in the held head, and calls `f` for each. The head's lock
+    /// is taken only for that part.
     fn io(
         &self,
         offset: u64,
         len: usize,
         mut f: impl FnMut(u64, std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
     ) -> Result<()> {
-        let mut guard = self
-            .inner
-            .head
-            .as_ref()
-            .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()));
-        let head_len = guard.as_ref().map_or(0, |h| h.len() as u64);
         for seg in self.inner.map.segments(offset, len)? {
             let mut dev = seg.dev_offset;
             let mut b = seg.buf_offset;
             let end = seg.buf_offset + seg.len;
-            if dev < head_len {
-                let n = ((head_len - dev) as usize).min(seg.len);
-                f(
-                    dev,
-                    b..b + n,
-                    guard.as_deref_mut().map(|v| v.as_mut_slice()),
-                )?;
-                dev += n as u64;
-                b += n;
+            if dev < self.inner.head_len.load(Ordering::Acquire)
+                && let Some(head) = &self.inner.head
+            {
+                let mut g = head.lock().unwrap_or_else(|e| e.into_inner());
+                // Re-checked under the lock: the head may have been taken.
+                let head_len = g.len() as u64;
+                if dev < head_len {
+                    let n = ((head_len - dev) as usize).min(seg.len);
+                    f(dev, b..b + n, Some(g.as_mut_slice()))?;
+                    dev += n as u64;
+                    b += n;
+                }
             }
             if b < end {
                 f(dev, b..end, None)?;

@@ -2,7 +2,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Mutex, mpsc};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 use buffers::ByteBufOwned;
@@ -152,9 +153,10 @@ pub fn device_reader<'a>(
     }
 }
 
-/// Reads a `len`-byte payload once, in order, hashing every piece (on all
-/// cores) and, if `store` is given, writing it there too.
-/// Memory: a few pieces per core. Returns the concatenated SHA-1s.
+/// Reads a `len`-byte payload once, hashing every piece and, if `store` is
+/// given, writing it there too. Each core reads and hashes its own pieces,
+/// taken in order, so reads stay nearly sequential. Memory: one piece per
+/// core. Returns the concatenated SHA-1s.
 pub fn hash_payload(
     read: PayloadReader,
     len: u64,
@@ -162,65 +164,51 @@ pub fn hash_payload(
     store: Option<&File>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<u8>> {
-    let plen = piece_length as u64;
+    let plen = u64::from(piece_length);
     let count = len.div_ceil(plen) as usize;
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8);
-    let mut hashes = vec![0u8; count * 20];
-
-    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 2);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    let (done_tx, done_rx) = mpsc::channel::<(usize, [u8; 20])>();
-    for _ in 0..workers * 2 + 1 {
-        free_tx.send(vec![0u8; piece_length as usize]).ok();
-    }
-    let full_rx = Mutex::new(full_rx);
-
-    std::thread::scope(|s| -> Result<()> {
-        for _ in 0..workers {
-            let (full_rx, free_tx, done_tx) = (&full_rx, free_tx.clone(), done_tx.clone());
-            s.spawn(move || {
-                loop {
-                    let msg = full_rx.lock().map(|rx| rx.recv());
-                    let Ok(Ok((idx, buf))) = msg else { return };
-                    let mut h = sha1w::Sha1::new();
-                    h.update(&buf);
-                    if done_tx.send((idx, h.finish())).is_err() {
-                        return;
-                    }
-                    free_tx.send(buf).ok();
-                }
-            });
-        }
-        drop(done_tx);
-        let reader = s.spawn(move || -> Result<()> {
-            let mut done = 0u64;
-            for idx in 0..count {
-                let off = idx as u64 * plen;
-                let n = plen.min(len - off) as usize;
-                let mut buf = free_rx.recv().context("hash workers stopped")?;
-                buf.resize(n, 0);
-                read(off, &mut buf)?;
-                if let Some(store) = store {
-                    store
-                        .write_all_at(&buf, off)
-                        .context("writing the store file")?;
-                }
-                done += n as u64;
-                progress(done);
-                full_tx.send((idx, buf)).ok();
+    let hashes = Mutex::new(vec![0u8; count * 20]);
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let work = || -> Result<()> {
+        let mut buf = vec![0u8; piece_length as usize];
+        loop {
+            let idx = next.fetch_add(1, Ordering::Relaxed);
+            if idx >= count || failed.load(Ordering::Relaxed) {
+                return Ok(());
             }
-            Ok(())
-        });
-        for (idx, h) in done_rx {
-            hashes[idx * 20..idx * 20 + 20].copy_from_slice(&h);
+            let off = idx as u64 * plen;
+            let buf = &mut buf[..plen.min(len - off) as usize];
+            let r = read(off, buf).and_then(|()| match store {
+                Some(f) => f.write_all_at(buf, off).context("writing the store file"),
+                None => Ok(()),
+            });
+            if let Err(e) = r {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            let mut h = sha1w::Sha1::new();
+            h.update(buf);
+            let h = h.finish();
+            hashes.lock().unwrap_or_else(|e| e.into_inner())[idx * 20..idx * 20 + 20]
+                .copy_from_slice(&h);
+            progress(done.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64);
         }
-        reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("payload reader panicked"))?
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(work)).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a hashing thread panicked")))
+            })
+            .collect::<Result<Vec<()>>>()
     })?;
-    Ok(hashes)
+    Ok(hashes.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
 #[cfg(test)]
