@@ -74,6 +74,12 @@ enum Cmd {
     },
     /// Show what an image holds.
     Inspect { image: PathBuf },
+    /// Check a disk (or image file) against an image, piece by piece.
+    Verify {
+        image: PathBuf,
+        #[arg(long)]
+        target: PathBuf,
+    },
     /// Run the boot server: image store, seeding, tracker, API, dashboard.
     Serve {
         /// server.toml (see docs/server.example.toml); defaults without it.
@@ -265,6 +271,12 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             runtime()?.block_on(blockswarm::admin::run(&server, token.as_deref(), cmd))
+        }
+        Cmd::Verify { image, target } => {
+            let image = Image::open(&image)?;
+            let dev = blockswarm::blockdev::open_source(&target)?;
+            println!("{}", blockswarm::agent::verify::check_disk(&image, &dev)?);
+            Ok(())
         }
         Cmd::Inspect { image } => {
             let image = Image::open(&image)?;

@@ -1,38 +1,66 @@
-//! The extra read-back pass: every piece read again from the disk and hashed.
+//! Checking a disk against an image: every piece read back and hashed.
 
 use anyhow::{Result, bail};
 use librqbit_core::torrent_metainfo::torrent_from_bytes;
 
 use crate::image::Image;
-use crate::image::torrent::hash_payload;
-use crate::storage::DeviceStorage;
+use crate::image::table::TableKind;
+use crate::image::torrent::{PayloadReader, device_reader, hash_payload};
+use crate::storage::{DeviceStorage, HEAD_LEN};
 
-/// Re-reads the whole payload (the held head from memory, the rest from the
-/// disk after dropping it from the page cache) and checks every piece.
+/// Indices of the pieces whose bytes, read through `read`, fail their hash.
+pub fn bad_pieces(image: &Image, read: PayloadReader) -> Result<Vec<usize>> {
+    let m = &image.manifest;
+    let got = hash_payload(read, m.payload.size, m.payload.piece_length, None, &|_| {})?;
+    let t = torrent_from_bytes(&image.torrent).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let want = t.info.data.pieces.as_ref();
+    Ok((0..m.payload.piece_count as usize).filter(|&i| got[i * 20..i * 20 + 20] != want[i * 20..i * 20 + 20]).collect())
+}
+
+/// The agent's read-back pass, before the boot area is written: the held
+/// head from memory, the rest from the disk after dropping it from the cache.
 pub fn readback(image: &Image, storage: &DeviceStorage, disk: &std::fs::File) -> Result<()> {
     disk.sync_data()?;
     // Best effort: without it the pass may read the page cache.
-    let _ = nix::fcntl::posix_fadvise(
-        disk,
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-    let m = &image.manifest;
+    let _ = nix::fcntl::posix_fadvise(disk, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     let read = |off: u64, buf: &mut [u8]| storage.read(off, buf);
-    let got = hash_payload(&read, m.payload.size, m.payload.piece_length, None, &|_| {})?;
-    let t = torrent_from_bytes(&image.torrent).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let want = t.info.data.pieces.as_ref();
-    let bad: Vec<usize> = (0..m.payload.piece_count as usize)
-        .filter(|&i| got[i * 20..i * 20 + 20] != want[i * 20..i * 20 + 20])
-        .collect();
-    if !bad.is_empty() {
-        bail!(
-            "read-back: {} of {} pieces differ on disk (first: piece {})",
-            bad.len(),
-            m.payload.piece_count,
-            bad[0]
-        );
+    let bad = bad_pieces(image, &read)?;
+    if let Some(first) = bad.first() {
+        bail!("read-back: {} of {} pieces differ on disk (first: piece {first})", bad.len(), image.manifest.payload.piece_count);
     }
     Ok(())
+}
+
+/// Checks a finished disk (`blockswarm verify`). On a GPT disk of another
+/// size the table was refitted, so pieces within the first MiB may differ.
+pub fn check_disk(image: &Image, disk: &crate::blockdev::Dev) -> Result<String> {
+    let m = &image.manifest;
+    let map = m.payload_map()?;
+    if map.device_end() > disk.size {
+        bail!("{} is smaller than the image's blocks", disk.path.display());
+    }
+    let read = device_reader(&disk.file, &map);
+    let bad = bad_pieces(image, &read)?;
+    let refitted = m.disk.table.kind == TableKind::Gpt && disk.size != m.disk.size;
+    let plen = u64::from(m.payload.piece_length);
+    // Payload bytes that map into the first MiB of the device.
+    let head_payload: u64 = m.extents().filter(|e| e.start < HEAD_LEN).map(|e| e.len.min(HEAD_LEN - e.start)).sum();
+    let (excused, real): (Vec<usize>, Vec<usize>) = bad.into_iter().partition(|&i| refitted && (i as u64) * plen < head_payload);
+    if let Some(first) = real.first() {
+        bail!(
+            "{}: {} of {} pieces differ from image {} (first: piece {first}, payload offset {})",
+            disk.path.display(),
+            real.len(),
+            m.payload.piece_count,
+            m.name,
+            *first as u64 * plen
+        );
+    }
+    Ok(format!(
+        "{}: all {} pieces match image {}{}",
+        disk.path.display(),
+        m.payload.piece_count - excused.len() as u64,
+        m.name,
+        if excused.is_empty() { String::new() } else { format!(" ({} in the boot area differ: GPT refitted to this disk)", excused.len()) }
+    ))
 }
