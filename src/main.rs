@@ -109,6 +109,12 @@ enum Cmd {
         /// BitTorrent listen address (default: a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Cap on upload, bytes per second ("12M").
+        #[arg(long)]
+        max_upload: Option<blockswarm::protocol::Size>,
+        /// Cap on download, bytes per second.
+        #[arg(long)]
+        max_download: Option<blockswarm::protocol::Size>,
     },
     /// Talk to a running server's admin API.
     Admin {
@@ -248,11 +254,17 @@ fn run(cli: Cli) -> Result<()> {
             mac,
             target,
             listen,
+            max_upload,
+            max_download,
         } => runtime()?.block_on(blockswarm::agent::run(blockswarm::agent::AgentOptions {
             server,
             mac,
             target,
             listen,
+            limits: blockswarm::swarm::Limits {
+                upload: max_upload.map(|s| s.0),
+                download: max_download.map(|s| s.0),
+            },
         })),
         Cmd::Admin { server, token, cmd } => {
             use blockswarm::admin::AdminCmd;

@@ -184,6 +184,18 @@ pub struct JobResponse {
     /// Announce URLs the agent should use.
     pub trackers: Vec<String>,
     pub deployment: u64,
+    /// Where in the payload this host starts fetching, as a fraction of it.
+    /// The server spreads the room's hosts over the payload, so that they
+    /// hold different pieces early and trade them instead of all asking the
+    /// seed for the same ones.
+    #[serde(default)]
+    pub start_fraction: f64,
+}
+
+/// The `k`-th term of the base-2 van der Corput sequence: 0, 1/2, 1/4, 3/4,
+/// 1/8 … — any first `n` terms are spread evenly over [0, 1).
+pub fn spread(k: u32) -> f64 {
+    f64::from(k.reverse_bits()) / 2f64.powi(32)
 }
 
 /// Where an agent is in its job.
@@ -238,6 +250,20 @@ pub struct StatusAck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_is_even() {
+        assert_eq!(
+            (0..4).map(spread).collect::<Vec<_>>(),
+            [0.0, 0.5, 0.25, 0.75]
+        );
+        let mut v: Vec<f64> = (0..32).map(spread).collect();
+        v.sort_by(f64::total_cmp);
+        assert!(
+            v.windows(2)
+                .all(|w| (w[1] - w[0] - 1.0 / 32.0).abs() < 1e-9)
+        );
+    }
 
     #[test]
     fn job_defaults_and_values() {

@@ -37,7 +37,13 @@ pub struct AgentOptions {
     pub target: Option<PathBuf>,
     /// BitTorrent listen address (default: a free port).
     pub listen: Option<SocketAddr>,
+    /// Rate caps, bytes per second (default: none).
+    pub limits: crate::swarm::Limits,
 }
+
+/// Chunk requests outstanding per peer: short, so that a busy seed serves
+/// every host promptly and pieces spread sooner.
+const REQUEST_WINDOW: usize = 16;
 
 /// Progress shared with the status reporter.
 struct Reporter {
@@ -171,14 +177,17 @@ async fn deploy(
         }
     );
 
-    let session = SwarmSession::start(opts.listen, None).await?;
+    let session = SwarmSession::start(opts.listen, opts.limits, false).await?;
     let cfg = SwarmConfig {
         trackers: job.trackers.iter().map(|t| client.url(t)).collect(),
+        request_window: Some(REQUEST_WINDOW),
         ..Default::default()
     };
     let torrent = session.add(&image, &storage, &cfg).await?;
     let t0 = Instant::now();
+    let steer = torrent.steer(job.start_fraction);
     let result = download(rep, &torrent).await;
+    steer.abort();
     if let Err(e) = result {
         session.stop().await;
         return Err(e);

@@ -14,7 +14,9 @@ pub fn bad_pieces(image: &Image, read: PayloadReader) -> Result<Vec<usize>> {
     let got = hash_payload(read, m.payload.size, m.payload.piece_length, None, &|_| {})?;
     let t = torrent_from_bytes(&image.torrent).map_err(|e| anyhow::anyhow!("{e}"))?;
     let want = t.info.data.pieces.as_ref();
-    Ok((0..m.payload.piece_count as usize).filter(|&i| got[i * 20..i * 20 + 20] != want[i * 20..i * 20 + 20]).collect())
+    Ok((0..m.payload.piece_count as usize)
+        .filter(|&i| got[i * 20..i * 20 + 20] != want[i * 20..i * 20 + 20])
+        .collect())
 }
 
 /// The agent's read-back pass, before the boot area is written: the held
@@ -22,11 +24,20 @@ pub fn bad_pieces(image: &Image, read: PayloadReader) -> Result<Vec<usize>> {
 pub fn readback(image: &Image, storage: &DeviceStorage, disk: &std::fs::File) -> Result<()> {
     disk.sync_data()?;
     // Best effort: without it the pass may read the page cache.
-    let _ = nix::fcntl::posix_fadvise(disk, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    let _ = nix::fcntl::posix_fadvise(
+        disk,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
     let read = |off: u64, buf: &mut [u8]| storage.read(off, buf);
     let bad = bad_pieces(image, &read)?;
     if let Some(first) = bad.first() {
-        bail!("read-back: {} of {} pieces differ on disk (first: piece {first})", bad.len(), image.manifest.payload.piece_count);
+        bail!(
+            "read-back: {} of {} pieces differ on disk (first: piece {first})",
+            bad.len(),
+            image.manifest.payload.piece_count
+        );
     }
     Ok(())
 }
@@ -44,8 +55,14 @@ pub fn check_disk(image: &Image, disk: &crate::blockdev::Dev) -> Result<String> 
     let refitted = m.disk.table.kind == TableKind::Gpt && disk.size != m.disk.size;
     let plen = u64::from(m.payload.piece_length);
     // Payload bytes that map into the first MiB of the device.
-    let head_payload: u64 = m.extents().filter(|e| e.start < HEAD_LEN).map(|e| e.len.min(HEAD_LEN - e.start)).sum();
-    let (excused, real): (Vec<usize>, Vec<usize>) = bad.into_iter().partition(|&i| refitted && (i as u64) * plen < head_payload);
+    let head_payload: u64 = m
+        .extents()
+        .filter(|e| e.start < HEAD_LEN)
+        .map(|e| e.len.min(HEAD_LEN - e.start))
+        .sum();
+    let (excused, real): (Vec<usize>, Vec<usize>) = bad
+        .into_iter()
+        .partition(|&i| refitted && (i as u64) * plen < head_payload);
     if let Some(first) = real.first() {
         bail!(
             "{}: {} of {} pieces differ from image {} (first: piece {first}, payload offset {})",
@@ -61,6 +78,13 @@ pub fn check_disk(image: &Image, disk: &crate::blockdev::Dev) -> Result<String> 
         disk.path.display(),
         m.payload.piece_count - excused.len() as u64,
         m.name,
-        if excused.is_empty() { String::new() } else { format!(" ({} in the boot area differ: GPT refitted to this disk)", excused.len()) }
+        if excused.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} in the boot area differ: GPT refitted to this disk)",
+                excused.len()
+            )
+        }
     ))
 }

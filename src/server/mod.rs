@@ -44,7 +44,11 @@ pub async fn serve(
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let seeds = crate::swarm::SwarmSession::start(
         Some(cfg.seed_listen),
-        cfg.seed_upload_limit.map(|s| s.0),
+        crate::swarm::Limits {
+            upload: cfg.seed_upload_limit.map(|s| s.0),
+            download: None,
+        },
+        true,
     )
     .await?;
     let state = Arc::new(ServerState::new(cfg, seeds));
@@ -72,11 +76,16 @@ pub async fn serve(
 async fn scan_loop(state: Arc<ServerState>) {
     let mut failures = BTreeMap::new();
     loop {
-        for (_, hash) in
-            store::sync(&state.config, &state.seeds, &state.images, &mut failures).await
-        {
-            if let Some(h) = hash {
-                state.tracker.allow(h);
+        let changes = store::sync(&state.config, &state.seeds, &state.images, &mut failures).await;
+        for (name, hash) in changes {
+            let len = state
+                .images
+                .read()
+                .await
+                .get(&name)
+                .map(|i| i.image.manifest.payload.size);
+            if let (Some(h), Some(len)) = (hash, len) {
+                state.tracker.allow(h, len);
             }
         }
         store::update_states(&state.seeds, &state.images).await;

@@ -34,6 +34,8 @@ struct Host {
 
 struct Deployment {
     id: u64,
+    /// Hosts in the order they first asked for their job.
+    slots: BTreeMap<String, u32>,
     started: Instant,
     expect: Option<usize>,
     stopped: bool,
@@ -92,7 +94,10 @@ impl ServerState {
             }
         }
         Self {
-            tracker: Tracker::new(Duration::from_secs(config.announce_interval)),
+            tracker: Tracker::new(
+                Duration::from_secs(config.announce_interval),
+                config.seed_fanout,
+            ),
             config,
             images: RwLock::default(),
             seeds,
@@ -117,8 +122,11 @@ impl ServerState {
                 "no job for {mac}, and no default job"
             )));
         };
-        let id = match &*self.deployment.read().await {
-            Some(d) if !d.stopped => d.id,
+        let (id, slot) = match &mut *self.deployment.write().await {
+            Some(d) if !d.stopped => {
+                let next = d.slots.len() as u32;
+                (d.id, *d.slots.entry(mac.clone()).or_insert(next))
+            }
             _ => return Err(JobError::NotStarted("no deployment is running".into())),
         };
         if !self.images.read().await.contains_key(&job.image) {
@@ -135,6 +143,7 @@ impl ServerState {
             torrent_url: format!("/images/{name}/image.torrent"),
             trackers: vec![self.config.announce_url()],
             deployment: id,
+            start_fraction: crate::protocol::spread(slot),
             job,
         })
     }
@@ -205,6 +214,7 @@ impl ServerState {
         let id = dep.as_ref().map_or(1, |d| d.id + 1);
         *dep = Some(Deployment {
             id,
+            slots: BTreeMap::new(),
             started: Instant::now(),
             expect,
             stopped: false,

@@ -2,11 +2,20 @@
 //!
 //! It only tracks the images the server knows, keeps at most
 //! [`MAX_PEERS`] peers per image, and forgets a peer that has not announced
-//! for three intervals. To keep empty peers from pairing up (two peers that
-//! both have nothing never exchange a byte), a peer is handed only peers
-//! that already hold data, and the seeds.
+//! for three intervals.
+//!
+//! Who learns of whom is the swarm's piece scheduling, and it is decided here:
+//! - The server's own seeds (peer ids starting with [`ORIGIN_PREFIX`]) are
+//!   handed to a few hosts only, `fanout` of them that are making progress.
+//!   A seed that serves every host sends the same pieces again and again;
+//!   one that feeds a few sends each piece about once, and the hosts pass it
+//!   on. A fed host that stops progressing (gone, or on a slow port) gives
+//!   its place to another.
+//! - Hosts are handed the other hosts that hold data, and finished hosts.
+//!   Two empty hosts never exchange a byte, so they are not introduced.
+//! - A host that learned of nobody useful is asked back sooner.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,6 +24,8 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 
 pub const MAX_PEERS: usize = 4096;
+/// The server's seeds announce with peer ids that start with this.
+pub const ORIGIN_PREFIX: &[u8] = b"-BS0ORIGIN-";
 const DEFAULT_NUMWANT: usize = 50;
 const MAX_NUMWANT: usize = 200;
 
@@ -22,13 +33,17 @@ pub type InfoHash = [u8; 20];
 
 pub struct Tracker {
     interval: Duration,
+    fanout: usize,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
-    known: HashSet<InfoHash>,
+    /// Tracked info hashes, with their payload length.
+    known: HashMap<InfoHash, u64>,
     swarms: HashMap<InfoHash, HashMap<[u8; 20], Peer>>,
+    /// Per swarm, the hosts the origin seeds feed, in order of arrival.
+    fed: HashMap<InfoHash, Vec<[u8; 20]>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +52,8 @@ struct Peer {
     left: u64,
     seen: Instant,
     has_data: bool,
+    /// When `left` last went down (or the peer arrived).
+    progressed: Instant,
 }
 
 /// Seeders and leechers of one swarm, for metrics and the dashboard.
@@ -58,9 +75,11 @@ struct Announce {
 }
 
 impl Tracker {
-    pub fn new(interval: Duration) -> Self {
+    /// `fanout`: how many hosts the server's seeds feed directly.
+    pub fn new(interval: Duration, fanout: usize) -> Self {
         Self {
             interval,
+            fanout: fanout.max(1),
             inner: Mutex::default(),
         }
     }
@@ -70,8 +89,8 @@ impl Tracker {
     }
 
     /// Only known images are tracked.
-    pub fn allow(&self, h: InfoHash) {
-        self.lock().known.insert(h);
+    pub fn allow(&self, h: InfoHash, payload_len: u64) {
+        self.lock().known.insert(h, payload_len);
     }
 
     pub fn forget(&self, h: &InfoHash) {
@@ -113,12 +132,13 @@ impl Tracker {
         };
         let now = Instant::now();
         let expiry = self.interval * 3;
-        let mut g = self.lock();
-        if !g.known.contains(&a.info_hash) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let Some(&total) = g.known.get(&a.info_hash) else {
             bail!(
                 "unknown info_hash: this tracker serves only the images of its blockswarm server"
             );
-        }
+        };
         let swarm = g.swarms.entry(a.info_hash).or_default();
         swarm.retain(|_, p| now.duration_since(p.seen) < expiry);
         if a.event == "stopped" {
@@ -127,9 +147,13 @@ impl Tracker {
             if !swarm.contains_key(&a.peer_id) && swarm.len() >= MAX_PEERS {
                 bail!("swarm is full ({MAX_PEERS} peers)");
             }
-            let has_data = a.left == 0
+            let has_data = a.left < total
                 || a.downloaded > 0
                 || swarm.get(&a.peer_id).is_some_and(|p| p.has_data);
+            let progressed = match swarm.get(&a.peer_id) {
+                Some(p) if p.left <= a.left => p.progressed,
+                _ => now,
+            };
             swarm.insert(
                 a.peer_id,
                 Peer {
@@ -137,17 +161,56 @@ impl Tracker {
                     left: a.left,
                     seen: now,
                     has_data,
+                    progressed,
                 },
             );
         }
-        let mut peers: Vec<&Peer> = swarm
-            .iter()
-            .filter(|(id, p)| **id != a.peer_id && p.has_data)
-            .map(|(_, p)| p)
-            .collect();
-        // Seeds first, then a rotating choice of the others.
+        let is_origin = |id: &[u8; 20]| id.starts_with(ORIGIN_PREFIX);
+        let me = swarm.get(&a.peer_id).copied();
+        let me_has_data = me.is_some_and(|p| p.has_data);
+        // Origin seeds and finished hosts need nobody: peers come to them.
+        let wants_peers = a.left > 0 && a.event != "stopped";
+        let fed = g.fed.entry(a.info_hash).or_default();
+        let swarm = g.swarms.get(&a.info_hash).expect("inserted above");
+        let stall = (self.interval * 2).max(Duration::from_secs(10));
+        fed.retain(|id| {
+            swarm
+                .get(id)
+                .is_some_and(|p| p.left > 0 && now.duration_since(p.progressed) < stall)
+        });
+        if wants_peers
+            && !is_origin(&a.peer_id)
+            && !fed.contains(&a.peer_id)
+            && fed.len() < self.fanout
+        {
+            fed.push(a.peer_id);
+        }
+        let gets_origin = fed.contains(&a.peer_id);
+        tracing::debug!(peer = %String::from_utf8_lossy(&a.peer_id), left = a.left, gets_origin, fed = fed.len(), "announce");
+        let mut peers: Vec<&Peer> = if !wants_peers {
+            Vec::new()
+        } else {
+            swarm
+                .iter()
+                .filter(|(id, p)| {
+                    **id != a.peer_id
+                        && if is_origin(id) {
+                            gets_origin
+                        } else {
+                            p.left == 0 || (p.has_data && (me_has_data || !gets_origin))
+                        }
+                })
+                .map(|(_, p)| p)
+                .collect()
+        };
+        // Finished hosts first, then a rotating choice of the others.
         peers.sort_by_key(|p| (p.left != 0, p.seen));
         peers.truncate(a.numwant);
+        let interval = if wants_peers && peers.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            self.interval
+        };
         let mut compact = Vec::with_capacity(peers.len() * 6);
         for p in &peers {
             compact.extend_from_slice(&p.addr.ip().octets());
@@ -166,8 +229,8 @@ impl Tracker {
         let resp = Resp {
             complete,
             incomplete: swarm.len() - complete,
-            interval: self.interval.as_secs().max(1),
-            min_interval: (self.interval.as_secs() / 3).max(1),
+            interval: interval.as_secs().max(1),
+            min_interval: interval.as_secs().max(1),
             peers: compact.into(),
         };
         let mut out = Vec::new();
@@ -299,26 +362,45 @@ mod tests {
     }
 
     #[test]
-    fn hands_out_only_peers_with_data() {
-        let t = Tracker::new(Duration::from_secs(10));
+    fn the_origin_feeds_a_few_and_hosts_meet_once_they_hold_data() {
+        let t = Tracker::new(Duration::from_secs(10), 2);
         let h = [1u8; 20];
-        t.allow(h);
+        t.allow(h, 100);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        t.announce(&q(&h, 1, 6881, 0, 0), ip); // the seed
-        let r = t.announce(&q(&h, 2, 7000, 100, 0), ip); // empty
-        assert_eq!(peers(&r), vec![6881]);
-        let r = t.announce(&q(&h, 3, 7001, 100, 0), ip); // empty: not given peer 2
-        assert_eq!(peers(&r), vec![6881]);
-        t.announce(&q(&h, 2, 7000, 50, 50), ip); // peer 2 now has data
-        let r = t.announce(&q(&h, 3, 7001, 100, 0), ip);
-        assert_eq!(peers(&r), vec![6881, 7000]);
+        let origin = q(&h, 0, 6881, 0, 0).replace(
+            &"%00".repeat(11),
+            &ORIGIN_PREFIX
+                .iter()
+                .map(|b| format!("%{b:02X}"))
+                .collect::<String>(),
+        );
+        assert!(
+            peers(&t.announce(&origin, ip)).is_empty(),
+            "seeds need no peers"
+        );
+        assert_eq!(peers(&t.announce(&q(&h, 2, 7000, 100, 0), ip)), vec![6881]); // fed
+        assert_eq!(peers(&t.announce(&q(&h, 3, 7001, 100, 0), ip)), vec![6881]); // fed
+        // A third empty host waits for a host with data…
+        assert!(peers(&t.announce(&q(&h, 4, 7002, 100, 0), ip)).is_empty());
+        t.announce(&q(&h, 2, 7000, 50, 50), ip); // host 2 now has data
+        // …and gets it.
+        assert_eq!(peers(&t.announce(&q(&h, 4, 7002, 100, 0), ip)), vec![7000]);
+        // A fed host that is still empty keeps to the seed.
+        assert_eq!(peers(&t.announce(&q(&h, 3, 7001, 100, 0), ip)), vec![6881]);
+        // Once it holds data it meets the others with data.
+        assert_eq!(
+            peers(&t.announce(&q(&h, 3, 7001, 90, 10), ip)),
+            vec![6881, 7000]
+        );
+        // A host resuming with data on disk counts as holding data.
+        assert_eq!(peers(&t.announce(&q(&h, 5, 7003, 60, 0), ip)).len(), 2);
         assert_eq!(t.counts(&h).complete, 1);
-        assert_eq!(t.counts(&h).incomplete, 2);
+        assert_eq!(t.counts(&h).incomplete, 4);
     }
 
     #[test]
     fn garbage_gets_a_failure_reason() {
-        let t = Tracker::new(Duration::from_secs(10));
+        let t = Tracker::new(Duration::from_secs(10), 2);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for (query, why) in [
             ("", "missing info_hash"),

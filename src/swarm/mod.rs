@@ -26,6 +26,34 @@ pub struct SwarmConfig {
     /// Replaces the torrent's trackers when not empty.
     pub trackers: Vec<String>,
     pub disable_trackers: bool,
+    /// Chunk requests kept outstanding per peer (librqbit's default: 128).
+    /// A short queue keeps a busy seed responsive to every peer.
+    pub request_window: Option<usize>,
+}
+
+/// Rate caps of a session, bytes per second.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub upload: Option<u64>,
+    pub download: Option<u64>,
+}
+
+/// A peer id that starts with the tracker's origin prefix.
+fn origin_peer_id() -> librqbit_core::Id20 {
+    let mut id = [0u8; 20];
+    let p = crate::server::tracker::ORIGIN_PREFIX;
+    id[..p.len()].copy_from_slice(p);
+    let rnd = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos()) as u64;
+    for (i, b) in id[p.len()..].iter_mut().enumerate() {
+        *b = b'0' + ((rnd >> (i * 4)) & 0xF) as u8 % 10;
+    }
+    librqbit_core::Id20::new(id)
+}
+
+fn nonzero(bps: u64) -> Option<std::num::NonZeroU32> {
+    std::num::NonZeroU32::new(bps.min(u64::from(u32::MAX)) as u32)
 }
 
 /// A BitTorrent session: one listening port, any number of torrents.
@@ -35,8 +63,9 @@ pub struct SwarmSession {
 }
 
 impl SwarmSession {
-    /// `upload_limit`: bytes per second for all uploads of the session.
-    pub async fn start(listen: Option<SocketAddr>, upload_limit: Option<u64>) -> Result<Self> {
+    /// Limits are bytes per second for the whole session. `origin` marks
+    /// the server's own seeds in their peer id, for the built-in tracker.
+    pub async fn start(listen: Option<SocketAddr>, limits: Limits, origin: bool) -> Result<Self> {
         let listen = match listen {
             Some(a) if a.port() != 0 => a,
             // librqbit does not report the port it picks for port 0.
@@ -50,6 +79,7 @@ impl SwarmSession {
             std::env::temp_dir(),
             SessionOptions {
                 dht: None,
+                peer_id: origin.then(origin_peer_id),
                 persistence: None,
                 fastresume: false,
                 disable_local_service_discovery: true,
@@ -65,9 +95,8 @@ impl SwarmSession {
                     concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into(),
                 ),
                 ratelimits: librqbit::limits::LimitsConfig {
-                    upload_bps: upload_limit
-                        .and_then(|l| std::num::NonZeroU32::new(l.min(u64::from(u32::MAX)) as u32)),
-                    download_bps: None,
+                    upload_bps: limits.upload.and_then(nonzero),
+                    download_bps: limits.download.and_then(nonzero),
                 },
                 ..Default::default()
             },
@@ -93,6 +122,10 @@ impl SwarmSession {
             trackers: (!cfg.trackers.is_empty()).then(|| cfg.trackers.clone()),
             disable_trackers: cfg.disable_trackers,
             storage_factory: Some(storage.factory()),
+            peer_opts: cfg.request_window.map(|w| librqbit::PeerConnectionOptions {
+                max_request_window: Some(w),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let handle = self
@@ -143,6 +176,32 @@ impl Torrent {
         self.handle.wait_until_completed().await
     }
 
+    /// Steers the piece order: librqbit fetches pieces in order, except
+    /// that it puts first the pieces in a window ahead of each open stream.
+    /// A stream that walks the payload from `start_fraction` (wrapping round)
+    /// makes this host fetch from there. It waits for each piece by reading
+    /// one byte of it, so nothing is read twice. Ends when all is here.
+    pub fn steer(&self, start_fraction: f64) -> tokio::task::JoinHandle<Result<()>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let (len, plen) = handle.with_metadata(|m| {
+                let l = m.lengths();
+                (l.total_length(), u64::from(l.default_piece_length()))
+            })?;
+            let pieces = len.div_ceil(plen);
+            let first = ((start_fraction.clamp(0.0, 1.0) * pieces as f64) as u64)
+                .min(pieces.saturating_sub(1));
+            let mut s = handle.clone().stream(0).await?;
+            let mut b = [0u8; 1];
+            for i in (first..pieces).chain(0..first) {
+                s.seek(std::io::SeekFrom::Start(i * plen)).await?;
+                s.read_exact(&mut b).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Whether the initial check is over and the torrent is up.
     pub fn is_live(&self) -> bool {
         self.handle.live().is_some()
@@ -179,7 +238,7 @@ pub struct Swarm {
 
 impl Swarm {
     pub async fn join(image: &Image, storage: &DeviceStorage, cfg: &SwarmConfig) -> Result<Self> {
-        let session = SwarmSession::start(cfg.listen, None).await?;
+        let session = SwarmSession::start(cfg.listen, Limits::default(), false).await?;
         let torrent = session.add(image, storage, cfg).await?;
         Ok(Self { session, torrent })
     }
