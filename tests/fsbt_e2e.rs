@@ -157,16 +157,40 @@ fn gpt_disk_to_same_size_and_larger_targets() {
     assert!(v.contains("No problems found"), "sgdisk -v:\n{v}");
     let p = sh(Command::new("sgdisk").arg("-p").arg(&big));
     let p = String::from_utf8_lossy(&p.stdout);
-    let out = bs_ok(&["verify", image.to_str().unwrap(), "--target", big.to_str().unwrap()]);
-    assert!(out.contains("pieces match") && out.contains("GPT refitted"), "{out}");
+    let out = bs_ok(&[
+        "verify",
+        image.to_str().unwrap(),
+        "--target",
+        big.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("pieces match") && out.contains("GPT refitted"),
+        "{out}"
+    );
     // A flipped byte inside a used extent is found.
-    let out = bs_ok(&["verify", image.to_str().unwrap(), "--target", same.to_str().unwrap()]);
-    assert!(out.contains(&format!("all {} pieces match", m.payload.piece_count)), "{out}");
+    let out = bs_ok(&[
+        "verify",
+        image.to_str().unwrap(),
+        "--target",
+        same.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains(&format!("all {} pieces match", m.payload.piece_count)),
+        "{out}"
+    );
     let e = m.regions[2].extents[0];
     let f = std::fs::OpenOptions::new().write(true).open(&same).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x5A], e.start + e.len / 2).unwrap();
-    let out = bs_err(&["verify", image.to_str().unwrap(), "--target", same.to_str().unwrap()]);
-    assert!(out.contains("1 of") && out.contains("pieces differ"), "{out}");
+    let out = bs_err(&[
+        "verify",
+        image.to_str().unwrap(),
+        "--target",
+        same.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("1 of") && out.contains("pieces differ"),
+        "{out}"
+    );
     let last = (size + GIB) / 512 - 34;
     assert!(p.contains(&format!("last usable sector is {last}")), "{p}");
 }

@@ -1,0 +1,88 @@
+//! The swarm lab's small version (issue 4), run in CI: `scripts/lab` builds
+//! a switched LAN of network namespaces with 4 hosts on 20 Mbit/s ports and a
+//! 24 MiB payload (S/B ≈ 10 s), and runs the real `serve` and 4 real agents
+//! on it. Every target must verify, and the server's seed must upload at most
+//! twice the payload. The full matrix is a benchmark run by hand
+//! (docs/benchmarks.md, "Swarm lab").
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs scripts/lab and returns its results.json runs.
+fn lab(dir: &Path, args: &[&str]) -> Vec<serde_json::Value> {
+    let out_dir = dir.join("out");
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lab"))
+        .args(args)
+        .args(["--bin", env!("CARGO_BIN_EXE_blockswarm")])
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--work")
+        .arg(dir.join("work"))
+        .output()
+        .expect("running scripts/lab (python3)");
+    let log = format!(
+        "scripts/lab {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(out_dir.join("results.json"))
+        .unwrap_or_else(|e| panic!("no results.json ({e}); {log}"));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(out.status.success(), "{log}");
+    eprintln!("{log}");
+    v["runs"].as_array().unwrap().clone()
+}
+
+#[test]
+fn lab_four_hosts_ideal() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab needs root (network namespaces, tc); CI runs as root"
+    );
+    let t = tempfile::tempdir().unwrap();
+    let runs = lab(
+        t.path(),
+        &[
+            "--hosts",
+            "4",
+            "--rate",
+            "20mbit",
+            "--payload-mib",
+            "24",
+            "--scenario",
+            "ideal",
+            "--tools",
+            "blockswarm,udpcast",
+        ],
+    );
+    let bs = runs
+        .iter()
+        .find(|r| r["tool"] == "blockswarm")
+        .expect("a blockswarm run");
+    let show = serde_json::to_string_pretty(bs).unwrap();
+    let sb = bs["sb_s"].as_f64().unwrap();
+    assert!((8.0..=12.5).contains(&sb), "S/B = {sb} s, not about 10 s");
+    assert_eq!(bs["hosts"], 4);
+    assert_eq!(bs["completed"], true, "not every host finished: {show}");
+    assert_eq!(bs["deployment_done"], true, "{show}");
+    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
+    assert_eq!(bs["correct"], true, "{show}");
+    let ratio = bs["seed_ratio"].as_f64().unwrap();
+    assert!(
+        ratio <= 2.0,
+        "seed upload ÷ payload = {ratio:.2} > 2.0: {show}"
+    );
+    let times = bs["host_times_s"].as_array().unwrap();
+    assert_eq!(times.len(), 4);
+    assert!(
+        times.iter().all(|t| t.as_f64().is_some_and(|t| t > 0.0)),
+        "{show}"
+    );
+    // The multicast baseline on the same LAN, so that it keeps working.
+    let uc = runs
+        .iter()
+        .find(|r| r["tool"] == "udpcast")
+        .expect("a udpcast run");
+    assert_eq!(uc["targets_ok"], 4, "{uc}");
+}
