@@ -10,10 +10,10 @@ use super::{AppState, error};
 use crate::protocol::Job;
 use crate::server::wol;
 
-/// Checks `Authorization: Bearer <token>`.
-fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+/// Checks `Authorization: Bearer <token>`: `Some(refusal)` unless it matches.
+fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.config.admin_token else {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "the admin API is off: set admin_token in the server config",
         ));
@@ -23,9 +23,9 @@ fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-        Ok(())
+        None
     } else {
-        Err(error(
+        Some(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token",
         ))
@@ -37,14 +37,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 pub async fn images(State(s): State<AppState>, h: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &h) {
+    if let Some(r) = deny(&s, &h) {
         return r;
     }
     Json(s.image_views().await).into_response()
 }
 
 pub async fn hosts(State(s): State<AppState>, h: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &h) {
+    if let Some(r) = deny(&s, &h) {
         return r;
     }
     Json(s.view().await.hosts).into_response()
@@ -56,7 +56,7 @@ pub async fn set_job(
     Path(mac): Path<String>,
     Json(job): Json<Job>,
 ) -> Response {
-    if let Err(r) = authorize(&s, &h) {
+    if let Some(r) = deny(&s, &h) {
         return r;
     }
     match s.set_job(&mac, job).await {
@@ -86,7 +86,7 @@ pub async fn start(
     h: HeaderMap,
     Json(req): Json<StartRequest>,
 ) -> Response {
-    if let Err(r) = authorize(&s, &h) {
+    if let Some(r) = deny(&s, &h) {
         return r;
     }
     let mut woken = 0;
@@ -111,7 +111,7 @@ pub async fn start(
 }
 
 pub async fn stop(State(s): State<AppState>, h: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &h) {
+    if let Some(r) = deny(&s, &h) {
         return r;
     }
     match s.stop_deployment().await {
