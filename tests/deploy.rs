@@ -109,7 +109,7 @@ fn waiting_agents_say_why_and_write_nothing() {
         t.path(),
         None,
         &format!(
-            "[[host]]\nmac = \"{}\"\n[host.job]\nimage = \"lab\"\n{TEST_JOB}",
+            "[[host]]\nmac = \"{}\"\n[host.job]\nimage = \"lab\"\nverify = \"readback\"\n{TEST_JOB}",
             mac(1)
         ),
     );
@@ -131,6 +131,11 @@ fn waiting_agents_say_why_and_write_nothing() {
     ]);
     assert!(out.contains("deployment 1 started"), "{out}");
     b.wait_ok(120);
+    assert!(
+        b.log().contains("read-back verification passed"),
+        "{}",
+        b.log()
+    );
     assert_extents_equal(&t.path().join("images/lab"), &disk, &known, &[]);
     std::thread::sleep(Duration::from_secs(1));
     assert!(a.log().contains("no job"));
@@ -302,4 +307,44 @@ fn agents_survive_the_server_vanishing() {
         assert_extents_equal(&t.path().join("images/lab"), &disk, tgt, &[]);
     }
     drop(srv);
+}
+
+#[test]
+fn images_dropped_into_the_store_appear_only_when_whole() {
+    let t = tempfile::tempdir().unwrap();
+    lab_image(t.path(), 16);
+    let srv = Server::start(t.path(), Some(0), &job(""));
+    srv.wait_seeding("lab");
+    // An admin copies a second image in, payload file last: half-way, the
+    // manifest is there but the payload is short.
+    let (src, dst) = (t.path().join("images/lab"), t.path().join("images/lab2"));
+    std::fs::create_dir(&dst).unwrap();
+    for f in ["image.torrent", "manifest.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let payload = std::fs::read(src.join("payload.bin")).unwrap();
+    std::fs::write(dst.join("payload.bin"), &payload[..payload.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let names = |v: &serde_json::Value| {
+        v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(&srv.view()),
+        ["lab"],
+        "a half-copied image was picked up"
+    );
+    let (code, _) = http_get(&format!("{}/images/lab2/manifest.json", srv.url));
+    assert_eq!(code, 404);
+    std::fs::write(dst.join("payload.bin"), &payload).unwrap();
+    srv.wait_seeding("lab2");
+    let (code, _) = http_get(&format!("{}/images/lab2/manifest.json", srv.url));
+    assert_eq!(code, 200);
+    // And one that disappears is dropped.
+    std::fs::remove_dir_all(&dst).unwrap();
+    srv.wait_for(|v| names(v) == ["lab"], "lab2 to be dropped");
 }
