@@ -152,8 +152,11 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
         None
     };
     let read = torrent::device_reader(&dev.file, &map);
-    let pieces = torrent::hash_payload(&read, map.len(), piece_length, store.as_ref(), &|_| {})
-        .with_context(|| format!("reading the used blocks of {}", opts.source.display()))?;
+    let progress = Progress::new(map.len());
+    let pieces = torrent::hash_payload(&read, map.len(), piece_length, store.as_ref(), &|n| {
+        progress.update(n)
+    })
+    .with_context(|| format!("reading the used blocks of {}", opts.source.display()))?;
     if let Some(f) = store {
         f.sync_all()?;
         std::fs::rename(&store_tmp, opts.out.join(PAYLOAD_FILE))?;
@@ -211,4 +214,44 @@ fn default_name(out: &Path) -> String {
     out.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "image".into())
+}
+
+/// Logs reading progress about once a second.
+struct Progress {
+    total: u64,
+    start: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        Self {
+            total,
+            start: Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+
+    fn update(&self, done: u64) {
+        use std::sync::atomic::Ordering;
+        let ms = self.start.elapsed().as_millis() as u64;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if ms < last + 1000
+            || self
+                .last_ms
+                .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let rate = done as f64 / self.start.elapsed().as_secs_f64();
+        info!(
+            "read {} of {} ({:.0}%, {}/s, {:.0} s left)",
+            human_bytes(done),
+            human_bytes(self.total),
+            100.0 * done as f64 / self.total.max(1) as f64,
+            human_bytes(rate as u64),
+            self.total.saturating_sub(done) as f64 / rate.max(1.0)
+        );
+    }
 }
