@@ -80,10 +80,10 @@ pub async fn run(server: &str, token: Option<&str>, cmd: AdminCmd) -> Result<()>
                     r.mac,
                     h.name.as_deref().unwrap_or(""),
                     serde_json::to_value(r.state)?.as_str().unwrap_or(""),
-                    100.0 * r.done_bytes as f64 / r.total_bytes.max(1) as f64,
-                    human_bytes(r.down_bps as u64),
-                    human_bytes(r.up_bps as u64),
-                    r.peers,
+                    100.0 * r.progress.done_bytes as f64 / r.progress.total_bytes.max(1) as f64,
+                    human_bytes(r.progress.down_bps as u64),
+                    human_bytes(r.progress.up_bps as u64),
+                    r.progress.peers,
                     r.error
                         .as_ref()
                         .map_or(String::new(), |e| format!("  error: {e}"))

@@ -227,15 +227,25 @@ pub struct StatusReport {
     pub deployment: Option<u64>,
     pub image: Option<String>,
     pub target: Option<String>,
+    #[serde(flatten)]
+    pub progress: Progress,
+    pub error: Option<String>,
+    /// Seconds since the agent started its job.
+    pub elapsed_s: f64,
+}
+
+/// A torrent's progress, as the agent reports it and the console shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Payload bytes verified.
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub uploaded_bytes: u64,
     pub down_bps: f64,
     pub up_bps: f64,
     pub peers: usize,
-    pub error: Option<String>,
-    /// Seconds since the agent started its job.
-    pub elapsed_s: f64,
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// The server's answer to a status report.

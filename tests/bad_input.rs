@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::*;
 
-fn capture(src: &Path, out: &Path) -> (bool, String) {
+fn try_capture(src: &Path, out: &Path) -> (bool, String) {
     bs(&[
         "capture",
         src.to_str().unwrap(),
@@ -38,7 +38,7 @@ fn corrupt_ext4_superblock() {
     let disk = mkdisk(t.path(), "d.img", "bare", 16);
     // s_log_block_size = 30: a 1 TiB block size.
     poke(&disk, 1024 + 24, &30u32.to_le_bytes());
-    let (ok, out) = capture(&disk, &t.path().join("img"));
+    let (ok, out) = try_capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
     assert!(
         out.to_lowercase().contains("ext") && out.contains("block size"),
@@ -53,7 +53,7 @@ fn corrupt_fat_boot_sector() {
     let disk = mkdisk(t.path(), "d.img", "gpt", 16);
     // Sectors per cluster = 3 in the ESP's boot sector (not a power of two).
     poke(&disk, (1 << 20) + 13, &[3]);
-    let (ok, out) = capture(&disk, &t.path().join("img"));
+    let (ok, out) = try_capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
     assert!(
         out.contains("partition 1") && out.to_lowercase().contains("fat"),
@@ -84,7 +84,7 @@ fn corrupt_ntfs_mft() {
     let cluster = u64::from(u16::from_le_bytes([bs_[11], bs_[12]])) * u64::from(bs_[13]);
     let mft_lcn = u64::from_le_bytes(bs_[0x30..0x38].try_into().unwrap());
     poke(&disk, start + mft_lcn * cluster, &vec![0u8; 16 * 1024]);
-    let (ok, out) = capture(&disk, &t.path().join("img"));
+    let (ok, out) = try_capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
     assert!(out.contains("partition 3") && out.contains("MFT"), "{out}");
 }
@@ -100,7 +100,7 @@ fn truncated_disk_image() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let (ok, out) = capture(&disk, &t.path().join("img"));
+    let (ok, out) = try_capture(&disk, &t.path().join("img"));
     assert!(!ok && !out.contains("panicked"), "{out}");
     assert!(out.contains("past the end"), "{out}");
 }
@@ -123,7 +123,7 @@ fn source_mounted_read_write_is_refused_unless_forced() {
         }
     }
     let _u = Unmount(&mnt);
-    let (ok, out) = capture(&disk, &t.path().join("img"));
+    let (ok, out) = try_capture(&disk, &t.path().join("img"));
     assert!(!ok, "{out}");
     assert!(
         out.contains("mounted read-write") && out.contains(mnt.to_str().unwrap()),
@@ -144,12 +144,7 @@ fn source_mounted_read_write_is_refused_unless_forced() {
     );
     // Read-only is fine.
     sh(Command::new("mount").arg("-o").arg("remount,ro").arg(&mnt));
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        t.path().join("img3").to_str().unwrap(),
-    ]);
+    capture(&disk, &t.path().join("img3"), false);
 }
 
 /// An image and a marked target, for the receive-side cases.
@@ -159,13 +154,7 @@ fn image_and_target(
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let disk = mkdisk(t, "d.img", "bare", 16);
     let image = t.join("img");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &image, true);
     let tgt = t.join("tgt.img");
     let size = target_size.unwrap_or_else(|| std::fs::metadata(&disk).unwrap().len());
     blank_target(&tgt, size, true);
@@ -223,12 +212,7 @@ fn manifest_that_does_not_match_the_torrent() {
     // Another image's torrent in this image's directory.
     let other_disk = mkdisk(t.path(), "o.img", "bare", 16);
     let other = t.path().join("other");
-    bs_ok(&[
-        "capture",
-        other_disk.to_str().unwrap(),
-        "--out",
-        other.to_str().unwrap(),
-    ]);
+    capture(&other_disk, &other, false);
     std::fs::copy(other.join("image.torrent"), image.join("image.torrent")).unwrap();
     let out = receive_err(&image, &tgt);
     assert!(

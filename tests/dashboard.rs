@@ -43,13 +43,7 @@ fn dashboard_shows_hosts_and_live_progress() {
     let t = tempfile::tempdir().unwrap();
     let disk = mkdisk(t.path(), "master.img", "gpt", 24);
     let size = std::fs::metadata(&disk).unwrap().len();
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        t.path().join("images/lab").to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &t.path().join("images/lab"), true);
     let srv = Server::start(
         t.path(),
         Some(2),

@@ -13,13 +13,7 @@ fn lab_image(dir: &Path, scale: u32) -> PathBuf {
     let disk = mkdisk(dir, "master.img", "gpt", scale);
     let image = dir.join("images/lab");
     std::fs::create_dir_all(dir.join("images")).unwrap();
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &image, true);
     disk
 }
 

@@ -109,13 +109,7 @@ fn gpt_disk_to_same_size_and_larger_targets() {
     let disk = mkdisk(t, "disk.img", "gpt", 32);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &image, true);
     let m = Image::open(&image).unwrap().manifest;
     let kinds: Vec<String> = m
         .regions
@@ -202,12 +196,7 @@ fn mbr_disk_with_logical_partitions() {
     let disk = mkdisk(t, "disk.img", "mbr", 16);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-    ]);
+    capture(&disk, &image, false);
     let m = Image::open(&image).unwrap().manifest;
     let names: Vec<&str> = m.regions.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["boot", "p1", "ebr5", "p5", "ebr6", "p6"]);
@@ -243,13 +232,7 @@ fn bare_ext4_without_partition_table() {
     let disk = mkdisk(t, "disk.img", "bare", 48);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &image, true);
     let m = Image::open(&image).unwrap().manifest;
     assert_eq!(m.regions.len(), 1);
     assert_eq!(m.regions[0].fs.as_ref().unwrap().to_string(), "ext");
@@ -271,12 +254,7 @@ fn other_file_systems_through_partclone() {
     let disk = mkdisk(t, "disk.img", "other", 32);
     let size = std::fs::metadata(&disk).unwrap().len();
     let image = t.join("image");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-    ]);
+    capture(&disk, &image, false);
     let m = Image::open(&image).unwrap().manifest;
     let (bt, raw) = (&m.regions[1], &m.regions[2]);
     assert_eq!(bt.fs.as_ref().unwrap().to_string(), "btrfs");

@@ -110,13 +110,7 @@ fn served_torrent(srv: &Server, dir: &std::path::Path) -> std::path::PathBuf {
 
 fn lab(t: &std::path::Path) -> std::path::PathBuf {
     let disk = mkdisk(t, "master.img", "gpt", 16);
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        t.join("images/lab").to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &t.join("images/lab"), true);
     disk
 }
 

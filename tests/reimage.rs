@@ -28,13 +28,7 @@ fn killed_agent_resumes_where_it_was() {
     let t = tempfile::tempdir().unwrap();
     let disk = mkdisk(t.path(), "master.img", "gpt", 24);
     let size = std::fs::metadata(&disk).unwrap().len();
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        t.path().join("images/lab").to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &t.path().join("images/lab"), true);
     let cfg = format!("seed_upload_limit = \"8M\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}");
     let srv = Server::start(t.path(), Some(1), &cfg);
     srv.wait_seeding("lab");
@@ -121,13 +115,7 @@ fn incremental_reimaging_fetches_only_changes() {
     let disk = mkdisk(t.path(), "master.img", "gpt", 32);
     let size = std::fs::metadata(&disk).unwrap().len();
     let v1 = t.path().join("images/lab");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        v1.to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &v1, true);
     let cfg = format!("seed_upload_limit = \"20M\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}");
     let srv = Server::start(t.path(), Some(2), &cfg);
     srv.wait_seeding("lab");
@@ -149,13 +137,7 @@ fn incremental_reimaging_fetches_only_changes() {
     // Next term: 5% of the master changes; capture it as a new image.
     let changed = change_master(&disk, &v1);
     let v2 = t.path().join("images/lab2");
-    bs_ok(&[
-        "capture",
-        disk.to_str().unwrap(),
-        "--out",
-        v2.to_str().unwrap(),
-        "--store",
-    ]);
+    capture(&disk, &v2, true);
     srv.wait_seeding("lab2");
     let job = t.path().join("job.toml");
     std::fs::write(

@@ -44,12 +44,7 @@ fn mounted_disks_are_refused() {
     // The receive command says the same, and writes nothing.
     let image = t.path().join("image");
     let src = mkdisk(t.path(), "s.img", "bare", 16);
-    bs_ok(&[
-        "capture",
-        src.to_str().unwrap(),
-        "--out",
-        image.to_str().unwrap(),
-    ]);
+    capture(&src, &image, false);
     let out = bs_err(&[
         "receive",
         image.to_str().unwrap(),

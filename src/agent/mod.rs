@@ -65,10 +65,7 @@ impl Reporter {
         r.error = error;
         r.elapsed_s = self.started.elapsed().as_secs_f64();
         if let Some(t) = torrent {
-            let p = t.progress();
-            (r.done_bytes, r.total_bytes, r.uploaded_bytes) =
-                (p.done_bytes, p.total_bytes, p.uploaded_bytes);
-            (r.down_bps, r.up_bps, r.peers) = (p.down_bps, p.up_bps, p.peers);
+            r.progress = t.progress();
         }
         self.base = StatusReport {
             error: None,
@@ -95,12 +92,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             deployment: None,
             image: None,
             target: None,
-            done_bytes: 0,
-            total_bytes: 0,
-            uploaded_bytes: 0,
-            down_bps: 0.0,
-            up_bps: 0.0,
-            peers: 0,
+            progress: Default::default(),
             error: None,
             elapsed_s: 0.0,
         },

@@ -48,7 +48,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "gauge",
         v.hosts
             .iter()
-            .map(|h| (host(h), h.report.done_bytes as f64))
+            .map(|h| (host(h), h.report.progress.done_bytes as f64))
             .collect(),
     );
     metric(
@@ -57,7 +57,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "gauge",
         v.hosts
             .iter()
-            .map(|h| (host(h), h.report.total_bytes as f64))
+            .map(|h| (host(h), h.report.progress.total_bytes as f64))
             .collect(),
     );
     metric(
@@ -66,14 +66,17 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "gauge",
         v.hosts
             .iter()
-            .map(|h| (host(h), h.report.down_bps))
+            .map(|h| (host(h), h.report.progress.down_bps))
             .collect(),
     );
     metric(
         "host_upload_bytes_per_second",
         "A host's upload rate.",
         "gauge",
-        v.hosts.iter().map(|h| (host(h), h.report.up_bps)).collect(),
+        v.hosts
+            .iter()
+            .map(|h| (host(h), h.report.progress.up_bps))
+            .collect(),
     );
     let img =
         |i: &super::state::ImageView| format!("{{image=\"{}\",state=\"{}\"}}", i.name, i.state);

@@ -246,13 +246,14 @@ impl ServerState {
             .iter()
             .map(|(mac, h)| {
                 let r = &h.report;
-                let left = r.total_bytes.saturating_sub(r.done_bytes) as f64;
+                let p = &r.progress;
+                let left = p.total_bytes.saturating_sub(p.done_bytes) as f64;
                 HostView {
                     name: self.names.get(mac).cloned(),
                     seen_s_ago: secs(now - h.seen),
                     finished_after_s: h.finished_after.map(secs),
-                    eta_s: (r.state == AgentState::Downloading && r.down_bps > 0.0)
-                        .then(|| left / r.down_bps),
+                    eta_s: (r.state == AgentState::Downloading && p.down_bps > 0.0)
+                        .then(|| left / p.down_bps),
                     report: r.clone(),
                 }
             })

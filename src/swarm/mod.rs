@@ -11,6 +11,7 @@ use librqbit::{
 };
 
 use crate::image::Image;
+pub use crate::protocol::Progress;
 use crate::storage::DeviceStorage;
 
 /// librqbit's "mbps" are MiB per second.
@@ -153,18 +154,6 @@ impl SwarmSession {
 #[derive(Clone)]
 pub struct Torrent {
     handle: Arc<ManagedTorrent>,
-}
-
-/// Progress as the API and the console show it.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
-pub struct Progress {
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub uploaded_bytes: u64,
-    pub down_bps: f64,
-    pub up_bps: f64,
-    pub peers: usize,
-    pub finished: bool,
 }
 
 impl Torrent {

@@ -450,3 +450,17 @@ impl Agent {
 /// The job every test host gets: write, don't reboot, seed until done.
 pub const TEST_JOB: &str =
     "on_done = \"nothing\"\nkeep_seeding = \"deployment\"\nseed_cap_minutes = 2\n";
+
+/// `blockswarm capture DISK --out OUT [--store]`, which must succeed.
+pub fn capture(disk: &Path, out: &Path, store: bool) {
+    let mut args = vec![
+        "capture",
+        disk.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if store {
+        args.push("--store");
+    }
+    bs_ok(&args);
+}
