@@ -178,7 +178,11 @@ impl Tracker {
                 .get(id)
                 .is_some_and(|p| p.left > 0 && now.duration_since(p.progressed) < stall)
         });
+        // Once a host has the whole image it seeds the room too: no new host
+        // is fed from the origin then, which would only send pieces again.
+        let someone_finished = swarm.iter().any(|(id, p)| !is_origin(id) && p.left == 0);
         if wants_peers
+            && !someone_finished
             && !is_origin(&a.peer_id)
             && !fed.contains(&a.peer_id)
             && fed.len() < self.fanout
