@@ -300,9 +300,8 @@ fn run(cli: Cli) -> Result<()> {
 /// Logs to journald when systemd started us (JOURNAL_STREAM), else stderr.
 fn init_logging() {
     use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        "info,librqbit=warn,librqbit_core=warn,librqbit_tracker_comms=warn".into()
-    });
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
     let registry = tracing_subscriber::registry().with(filter);
     match journald {

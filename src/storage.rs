@@ -1,4 +1,4 @@
-//! librqbit storage over a raw device, a partition, or a plain payload file.
+//! Swarm storage over a raw device, a partition, or a plain payload file.
 //!
 //! The torrent has one file, the payload; a [`PayloadMap`] turns payload
 //! offsets into device offsets, so nothing outside the used extents is ever
@@ -10,23 +10,17 @@
 //!   are kept in memory and written only by [`DeviceStorage::take_head`]'s
 //!   caller, after the whole image is verified. A half-imaged disk never boots
 //!   and never looks like a good one.
-//! - **No initial check on a fresh target.** librqbit hashes existing data
-//!   whenever a torrent is added, and stops reading a file at its first read
-//!   error, counting its pieces as missing. A storage created with
-//!   `fresh = true` fails every read until librqbit sizes the file, which it
-//!   does right after that check: a blank disk starts downloading at once
+//! - **No initial check on a fresh target.** A storage created with
+//!   `fresh = true` holds nothing yet, so the swarm starts downloading at once
 //!   instead of hashing garbage. With `fresh = false` (seed, resume,
-//!   incremental re-imaging) the check runs in full.
+//!   incremental re-imaging) every piece is checked first.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
-use librqbit::storage::{BoxStorageFactory, StorageFactory, StorageFactoryExt, TorrentStorage};
-use librqbit::{ManagedTorrentShared, TorrentMetadata};
 
 use crate::image::map::PayloadMap;
 
@@ -46,7 +40,7 @@ struct Inner {
     head: Option<Mutex<Vec<u8>>>,
     /// `head.len()`, readable without the lock; 0 once taken.
     head_len: AtomicU64,
-    fresh: AtomicBool,
+    fresh: bool,
     written: AtomicU64,
 }
 
@@ -75,7 +69,7 @@ impl DeviceStorage {
                 writable,
                 head,
                 head_len: AtomicU64::new(head_len),
-                fresh: AtomicBool::new(fresh),
+                fresh,
                 written: AtomicU64::new(0),
             }),
         }
@@ -103,8 +97,14 @@ impl DeviceStorage {
         self.inner.written.load(Ordering::Relaxed)
     }
 
-    pub fn factory(&self) -> BoxStorageFactory {
-        Factory(self.clone()).boxed()
+    /// Whether the target held nothing of the image when this was made.
+    pub fn is_fresh(&self) -> bool {
+        self.inner.fresh
+    }
+
+    /// Payload length in bytes.
+    pub fn payload_len(&self) -> u64 {
+        self.inner.map.len()
     }
 
     /// Reads payload bytes, from the held head or the device.
@@ -125,7 +125,8 @@ impl DeviceStorage {
         })
     }
 
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// Writes payload bytes: into the held head or onto the device.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         if !self.inner.writable {
             bail!("the seed's source is read-only");
         }
@@ -182,75 +183,6 @@ impl DeviceStorage {
     }
 }
 
-struct Factory(DeviceStorage);
-
-impl StorageFactory for Factory {
-    type Storage = DeviceStorage;
-
-    fn create(&self, _: &ManagedTorrentShared, _: &TorrentMetadata) -> Result<DeviceStorage> {
-        Ok(self.0.clone())
-    }
-
-    fn clone_box(&self) -> BoxStorageFactory {
-        Factory(self.0.clone()).boxed()
-    }
-}
-
-impl TorrentStorage for DeviceStorage {
-    fn init(&mut self, _: &ManagedTorrentShared, meta: &TorrentMetadata) -> Result<()> {
-        let lengths: Vec<u64> = meta.info.iter_file_lengths().collect();
-        if lengths != [self.inner.map.len()] {
-            bail!(
-                "the torrent's files {lengths:?} do not match the image's single {}-byte payload",
-                self.inner.map.len()
-            );
-        }
-        Ok(())
-    }
-
-    fn pread_exact(&self, file_id: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if file_id != 0 {
-            bail!("no file {file_id} in a one-file payload");
-        }
-        if self.inner.fresh.load(Ordering::Acquire) {
-            bail!("fresh target: nothing to verify yet");
-        }
-        self.read(offset, buf)
-    }
-
-    fn pwrite_all(&self, file_id: usize, offset: u64, buf: &[u8]) -> Result<()> {
-        if file_id != 0 {
-            bail!("no file {file_id} in a one-file payload");
-        }
-        self.write(offset, buf)
-    }
-
-    fn remove_file(&self, _: usize, _: &Path) -> Result<()> {
-        // A device is never deleted.
-        Ok(())
-    }
-
-    fn remove_directory_if_empty(&self, _: &Path) -> Result<()> {
-        Ok(())
-    }
-
-    fn ensure_file_length(&self, _: usize, length: u64) -> Result<()> {
-        // Called once the initial check is over: reads are real from now on.
-        self.inner.fresh.store(false, Ordering::Release);
-        if length != self.inner.map.len() {
-            bail!(
-                "payload length {length} differs from the image's {}",
-                self.inner.map.len()
-            );
-        }
-        Ok(())
-    }
-
-    fn take(&self) -> Result<Box<dyn TorrentStorage>> {
-        Ok(Box::new(self.clone()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,13 +200,10 @@ mod tests {
         ])
         .unwrap();
         let s = DeviceStorage::writer(Arc::new(f.try_clone().unwrap()), map, true);
-        // Fresh: reads fail until the file is sized.
-        let mut b = [0u8; 10];
-        assert!(s.pread_exact(0, 0, &mut b).is_err());
-        s.ensure_file_length(0, 812).unwrap();
-        s.pwrite_all(0, 0, &[1u8; 812]).unwrap();
+        assert!(s.is_fresh());
+        s.write(0, &[1u8; 812]).unwrap();
         let mut back = [0u8; 812];
-        s.pread_exact(0, 0, &mut back).unwrap();
+        s.read(0, &mut back).unwrap();
         assert_eq!(back, [1u8; 812]);
         let mut disk = vec![0u8; 4 << 20];
         f.read_exact_at(&mut disk, 0).unwrap();
@@ -287,10 +216,7 @@ mod tests {
         assert_eq!(&head[512..1024], &[1u8; 512]);
         assert_eq!(&head[(1 << 20) - 100..], &[1u8; 100]);
         assert!(head[..512].iter().all(|&x| x == 0));
-        assert!(
-            s.pread_exact(0, 800, &mut [0u8; 13]).is_err(),
-            "past the payload"
-        );
+        assert!(s.read(800, &mut [0u8; 13]).is_err(), "past the payload");
     }
 
     #[test]
@@ -299,7 +225,7 @@ mod tests {
         f.set_len(1024).unwrap();
         let s = DeviceStorage::reader(Arc::new(f), PayloadMap::identity(1024));
         assert!(
-            s.pwrite_all(0, 0, &[1])
+            s.write(0, &[1])
                 .unwrap_err()
                 .to_string()
                 .contains("read-only")

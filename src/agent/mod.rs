@@ -41,10 +41,6 @@ pub struct AgentOptions {
     pub limits: crate::swarm::Limits,
 }
 
-/// Chunk requests outstanding per peer: short, so that a busy seed serves
-/// every host promptly and pieces spread sooner.
-const REQUEST_WINDOW: usize = 16;
-
 /// Progress shared with the status reporter.
 struct Reporter {
     client: Client,
@@ -141,7 +137,7 @@ async fn deploy(
     let map = m.payload_map()?;
 
     // A disk holding an interrupted run of this image, or an incremental
-    // job, keeps what it has: librqbit checks it all and fetches the rest.
+    // job, keeps what it has: the swarm checks it all and fetches the rest.
     let resume = write::has_marker(&dev, &m.payload.info_hash);
     let keep = resume || j.incremental;
     let old_head = if j.incremental && !resume {
@@ -172,14 +168,12 @@ async fn deploy(
     let session = SwarmSession::start(opts.listen, opts.limits, false).await?;
     let cfg = SwarmConfig {
         trackers: job.trackers.iter().map(|t| client.url(t)).collect(),
-        request_window: Some(REQUEST_WINDOW),
+        start_fraction: job.start_fraction,
         ..Default::default()
     };
     let torrent = session.add(&image, &storage, &cfg).await?;
     let t0 = Instant::now();
-    let steer = torrent.steer(job.start_fraction);
     let result = download(rep, &torrent).await;
-    steer.abort();
     if let Err(e) = result {
         session.stop().await;
         return Err(e);

@@ -27,10 +27,6 @@ pub struct ServerConfig {
     /// Announce interval handed to peers, in seconds.
     #[serde(default = "default_interval")]
     pub announce_interval: u64,
-    /// How many hosts the server's seeds feed directly (built-in tracker);
-    /// the others get the image from those hosts and from each other.
-    #[serde(default = "default_fanout")]
-    pub seed_fanout: usize,
     /// BitTorrent port of the server's seeds.
     #[serde(default = "default_seed_listen")]
     pub seed_listen: SocketAddr,
@@ -76,9 +72,6 @@ pub struct HostConfig {
     pub job: Option<Job>,
 }
 
-fn default_fanout() -> usize {
-    2
-}
 fn default_true() -> bool {
     true
 }

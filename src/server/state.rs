@@ -94,10 +94,7 @@ impl ServerState {
             }
         }
         Self {
-            tracker: Tracker::new(
-                Duration::from_secs(config.announce_interval),
-                config.seed_fanout,
-            ),
+            tracker: Tracker::new(Duration::from_secs(config.announce_interval)),
             config,
             images: RwLock::default(),
             seeds,

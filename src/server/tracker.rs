@@ -4,16 +4,11 @@
 //! [`MAX_PEERS`] peers per image, and forgets a peer that has not announced
 //! for three intervals.
 //!
-//! Who learns of whom is the swarm's piece scheduling, and it is decided here:
-//! - The server's own seeds (peer ids starting with [`ORIGIN_PREFIX`]) are
-//!   handed to a few hosts only, `fanout` of them that are making progress.
-//!   A seed that serves every host sends the same pieces again and again;
-//!   one that feeds a few sends each piece about once, and the hosts pass it
-//!   on. A fed host that stops progressing (gone, or on a slow port) gives
-//!   its place to another.
-//! - Hosts are handed the other hosts that hold data, and finished hosts.
-//!   Two empty hosts never exchange a byte, so they are not introduced.
-//! - A host that learned of nobody useful is asked back sooner.
+//! A host that still downloads is handed every other peer (finished hosts
+//! first, up to `numwant`), the server's seed included; the hosts' piece
+//! scheduling (`swarm::picker`) keeps the seed from sending a piece twice.
+//! Seeds get no peers: the others come to them. A host that learned of
+//! nobody is asked back after a second.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
@@ -33,7 +28,6 @@ pub type InfoHash = [u8; 20];
 
 pub struct Tracker {
     interval: Duration,
-    fanout: usize,
     inner: Mutex<Inner>,
 }
 
@@ -42,8 +36,6 @@ struct Inner {
     /// Tracked info hashes, with their payload length.
     known: HashMap<InfoHash, u64>,
     swarms: HashMap<InfoHash, HashMap<[u8; 20], Peer>>,
-    /// Per swarm, the hosts the origin seeds feed, in order of arrival.
-    fed: HashMap<InfoHash, Vec<[u8; 20]>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +43,6 @@ struct Peer {
     addr: SocketAddrV4,
     left: u64,
     seen: Instant,
-    has_data: bool,
-    /// When `left` last went down (or the peer arrived).
-    progressed: Instant,
 }
 
 /// Seeders and leechers of one swarm, for metrics and the dashboard.
@@ -68,18 +57,15 @@ struct Announce {
     peer_id: [u8; 20],
     port: u16,
     left: u64,
-    downloaded: u64,
     event: String,
     numwant: usize,
     ip: Option<std::net::Ipv4Addr>,
 }
 
 impl Tracker {
-    /// `fanout`: how many hosts the server's seeds feed directly.
-    pub fn new(interval: Duration, fanout: usize) -> Self {
+    pub fn new(interval: Duration) -> Self {
         Self {
             interval,
-            fanout: fanout.max(1),
             inner: Mutex::default(),
         }
     }
@@ -134,11 +120,11 @@ impl Tracker {
         let expiry = self.interval * 3;
         let mut guard = self.lock();
         let g = &mut *guard;
-        let Some(&total) = g.known.get(&a.info_hash) else {
+        if !g.known.contains_key(&a.info_hash) {
             bail!(
                 "unknown info_hash: this tracker serves only the images of its blockswarm server"
             );
-        };
+        }
         let swarm = g.swarms.entry(a.info_hash).or_default();
         swarm.retain(|_, p| now.duration_since(p.seen) < expiry);
         if a.event == "stopped" {
@@ -147,69 +133,26 @@ impl Tracker {
             if !swarm.contains_key(&a.peer_id) && swarm.len() >= MAX_PEERS {
                 bail!("swarm is full ({MAX_PEERS} peers)");
             }
-            let has_data = a.left < total
-                || a.downloaded > 0
-                || swarm.get(&a.peer_id).is_some_and(|p| p.has_data);
-            let progressed = match swarm.get(&a.peer_id) {
-                Some(p) if p.left <= a.left => p.progressed,
-                _ => now,
-            };
             swarm.insert(
                 a.peer_id,
                 Peer {
                     addr: SocketAddrV4::new(ip, a.port),
                     left: a.left,
                     seen: now,
-                    has_data,
-                    progressed,
                 },
             );
         }
-        let is_origin = |id: &[u8; 20]| id.starts_with(ORIGIN_PREFIX);
-        let me = swarm.get(&a.peer_id).copied();
-        let me_has_data = me.is_some_and(|p| p.has_data);
-        // Origin seeds and finished hosts need nobody: peers come to them.
+        // Seeds need nobody: peers come to them.
         let wants_peers = a.left > 0 && a.event != "stopped";
-        let fed = g.fed.entry(a.info_hash).or_default();
-        let swarm = g.swarms.get(&a.info_hash).expect("inserted above");
-        let stall = (self.interval * 2).max(Duration::from_secs(10));
-        fed.retain(|id| {
-            swarm
-                .get(id)
-                .is_some_and(|p| p.left > 0 && now.duration_since(p.progressed) < stall)
-        });
-        // Once a host has the whole image it seeds the room too: no new host
-        // is fed from the origin then, which would only send pieces again.
-        let someone_finished = swarm.iter().any(|(id, p)| !is_origin(id) && p.left == 0);
-        if wants_peers
-            && !someone_finished
-            && !is_origin(&a.peer_id)
-            && !fed.contains(&a.peer_id)
-            && fed.len() < self.fanout
-        {
-            fed.push(a.peer_id);
-        }
-        let gets_origin = fed.contains(&a.peer_id);
-        tracing::debug!(peer = %String::from_utf8_lossy(&a.peer_id), left = a.left, gets_origin, fed = fed.len(), "announce");
-        let mut peers: Vec<&Peer> = if !wants_peers {
-            Vec::new()
+        let mut peers: Vec<(&[u8; 20], &Peer)> = if wants_peers {
+            swarm.iter().filter(|(id, _)| **id != a.peer_id).collect()
         } else {
-            swarm
-                .iter()
-                .filter(|(id, p)| {
-                    **id != a.peer_id
-                        && if is_origin(id) {
-                            gets_origin
-                        } else {
-                            p.left == 0 || (p.has_data && (me_has_data || !gets_origin))
-                        }
-                })
-                .map(|(_, p)| p)
-                .collect()
+            Vec::new()
         };
-        // Finished hosts first, then a rotating choice of the others.
-        peers.sort_by_key(|p| (p.left != 0, p.seen));
+        // The server's seeds, finished hosts, then a rotating choice of the others.
+        peers.sort_by_key(|(id, p)| (!id.starts_with(ORIGIN_PREFIX), p.left != 0, p.seen));
         peers.truncate(a.numwant);
+        let peers: Vec<&Peer> = peers.into_iter().map(|(_, p)| p).collect();
         let interval = if wants_peers && peers.is_empty() {
             Duration::from_secs(1)
         } else {
@@ -250,7 +193,7 @@ fn failure(reason: &str) -> Vec<u8> {
 fn parse(query: &str) -> Result<Announce> {
     let mut info_hash = None;
     let mut peer_id = None;
-    let (mut port, mut left, mut downloaded) = (None, None, 0u64);
+    let (mut port, mut left) = (None, None);
     let mut event = String::new();
     let mut numwant = DEFAULT_NUMWANT;
     let mut ip = None;
@@ -285,7 +228,6 @@ fn parse(query: &str) -> Result<Announce> {
                 )
             }
             "left" => left = Some(num("left")?),
-            "downloaded" => downloaded = num("downloaded")?,
             "event" => event = text()?,
             "numwant" => numwant = (num("numwant")? as usize).min(MAX_NUMWANT),
             "ip" => ip = text()?.parse().ok(),
@@ -297,7 +239,6 @@ fn parse(query: &str) -> Result<Announce> {
         peer_id: peer_id.ok_or_else(|| anyhow::anyhow!("missing peer_id"))?,
         port: port.ok_or_else(|| anyhow::anyhow!("missing port"))?,
         left: left.ok_or_else(|| anyhow::anyhow!("missing left"))?,
-        downloaded,
         event,
         numwant,
         ip,
@@ -366,8 +307,8 @@ mod tests {
     }
 
     #[test]
-    fn the_origin_feeds_a_few_and_hosts_meet_once_they_hold_data() {
-        let t = Tracker::new(Duration::from_secs(10), 2);
+    fn hosts_meet_everyone_and_seeds_get_nobody() {
+        let t = Tracker::new(Duration::from_secs(10));
         let h = [1u8; 20];
         t.allow(h, 100);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
@@ -382,29 +323,28 @@ mod tests {
             peers(&t.announce(&origin, ip)).is_empty(),
             "seeds need no peers"
         );
-        assert_eq!(peers(&t.announce(&q(&h, 2, 7000, 100, 0), ip)), vec![6881]); // fed
-        assert_eq!(peers(&t.announce(&q(&h, 3, 7001, 100, 0), ip)), vec![6881]); // fed
-        // A third empty host waits for a host with data…
-        assert!(peers(&t.announce(&q(&h, 4, 7002, 100, 0), ip)).is_empty());
-        t.announce(&q(&h, 2, 7000, 50, 50), ip); // host 2 now has data
-        // …and gets it.
-        assert_eq!(peers(&t.announce(&q(&h, 4, 7002, 100, 0), ip)), vec![7000]);
-        // A fed host that is still empty keeps to the seed.
-        assert_eq!(peers(&t.announce(&q(&h, 3, 7001, 100, 0), ip)), vec![6881]);
-        // Once it holds data it meets the others with data.
+        assert_eq!(peers(&t.announce(&q(&h, 2, 7000, 100, 0), ip)), vec![6881]);
+        let mut got = peers(&t.announce(&q(&h, 3, 7001, 100, 0), ip));
+        got.sort();
+        assert_eq!(got, vec![6881, 7000]);
+        // The server's seed first, then finished hosts.
+        t.announce(&q(&h, 2, 7000, 0, 100), ip);
         assert_eq!(
-            peers(&t.announce(&q(&h, 3, 7001, 90, 10), ip)),
-            vec![6881, 7000]
+            peers(&t.announce(&q(&h, 4, 7002, 100, 0), ip))[..2],
+            [6881, 7000]
         );
-        // A host resuming with data on disk counts as holding data.
-        assert_eq!(peers(&t.announce(&q(&h, 5, 7003, 60, 0), ip)).len(), 2);
-        assert_eq!(t.counts(&h).complete, 1);
-        assert_eq!(t.counts(&h).incomplete, 4);
+        // numwant caps the list.
+        let few = q(&h, 5, 7003, 100, 0) + "&numwant=2";
+        assert_eq!(peers(&t.announce(&few, ip)).len(), 2);
+        // A stopped host is forgotten.
+        t.announce(&(q(&h, 3, 7001, 100, 0) + "&event=stopped"), ip);
+        assert_eq!(t.counts(&h).complete, 2);
+        assert_eq!(t.counts(&h).incomplete, 2);
     }
 
     #[test]
     fn garbage_gets_a_failure_reason() {
-        let t = Tracker::new(Duration::from_secs(10), 2);
+        let t = Tracker::new(Duration::from_secs(10));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for (query, why) in [
             ("", "missing info_hash"),

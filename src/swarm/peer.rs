@@ -1,0 +1,516 @@
+//! One peer connection: the BEP 3 wire protocol, uploads, and fetching the
+//! pieces the [`Picker`](super::picker::Picker) assigns it.
+//!
+//! Three tasks per connection: a reader that parses messages, a writer that
+//! sends control messages first and then the requested blocks in order, and
+//! a driver that keeps requests flowing. Each piece is fetched whole from one
+//! peer into memory, hashed, and only then written to the target.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use librqbit_peer_protocol::{Handshake, Message, Piece, Request};
+use sha1w::ISha1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::picker::Bits;
+use super::{PeerId, Shared, until_true};
+
+/// Bytes per request (the size every client uses).
+pub const BLOCK: u32 = 16 << 10;
+/// Largest block a peer may ask for.
+const MAX_REQUEST: u32 = 128 << 10;
+/// Requests from one peer queued at most; more are dropped.
+const MAX_QUEUED: usize = 1024;
+/// A peer with requests pending that sends nothing for this long is dropped.
+const STALL: Duration = Duration::from_secs(30);
+/// Silence after which a connection is considered dead.
+const IDLE: Duration = Duration::from_secs(180);
+const KEEPALIVE: Duration = Duration::from_secs(60);
+/// Pieces failing their hash before a peer is dropped.
+const MAX_BAD_PIECES: u32 = 3;
+
+const HANDSHAKE_LEN: usize = 68;
+
+/// Ours: no extensions, so peers send nothing beyond BEP 3.
+pub fn handshake(info_hash: [u8; 20], peer_id: PeerId) -> [u8; HANDSHAKE_LEN] {
+    let mut h = Handshake::new(
+        librqbit_core::Id20::new(info_hash),
+        librqbit_core::Id20::new(peer_id),
+    );
+    h.reserved = 0;
+    let mut buf = [0u8; HANDSHAKE_LEN];
+    let _ = h.serialize_unchecked_len(&mut buf);
+    buf
+}
+
+/// Reads the other side's handshake: (info hash, peer id).
+pub async fn read_handshake(s: &mut TcpStream) -> Result<([u8; 20], PeerId)> {
+    let mut buf = [0u8; HANDSHAKE_LEN];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+        .await
+        .context("no handshake within 10 s")??;
+    let (h, _) = Handshake::deserialize(&buf).map_err(|e| anyhow::anyhow!("bad handshake: {e}"))?;
+    Ok((h.info_hash.0, h.peer_id.0))
+}
+
+fn encode(m: &Message<'_>) -> Vec<u8> {
+    let len = match m {
+        Message::Bitfield(b) => b.as_ref().len() + 5,
+        _ => 32,
+    };
+    let mut buf = vec![0u8; len];
+    let n = m.serialize(&mut buf, &Default::default).unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+/// What the driver and the torrent hand to a connection's writer.
+#[derive(Debug)]
+pub enum Out {
+    Raw(Vec<u8>),
+    Upload(Request),
+    Cancel(Request),
+}
+
+impl Out {
+    pub fn have(piece: usize) -> Self {
+        Out::Raw(encode(&Message::Have(piece as u32)))
+    }
+}
+
+/// Messages the reader passes to the driver.
+enum In {
+    Choke,
+    Unchoke,
+    Have(u32),
+    Bitfield(Vec<u8>),
+    Request(Request),
+    Cancel(Request),
+    Piece {
+        index: u32,
+        begin: u32,
+        data: Vec<u8>,
+    },
+    Other,
+}
+
+/// Runs a connection whose handshakes are done, until it ends.
+pub async fn run(
+    t: Arc<Shared>,
+    stream: TcpStream,
+    their_id: PeerId,
+    addr: SocketAddr,
+    outgoing: bool,
+) {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let kill = Arc::new(tokio::sync::Notify::new());
+    let Some(conn_id) = t.register(their_id, outgoing, out_tx.clone(), kill.clone()) else {
+        debug!(%addr, "already connected to this peer");
+        return;
+    };
+    let origin = their_id.starts_with(crate::server::tracker::ORIGIN_PREFIX);
+    let (in_tx, in_rx) = mpsc::channel(64);
+    let reader = tokio::spawn(reader(r, in_tx, t.pieces.len()));
+    let writer = tokio::spawn(writer(w, out_rx, t.clone()));
+    let mut d = Driver {
+        t: t.clone(),
+        out: out_tx,
+        bits: Bits::new(t.pieces.len()),
+        origin,
+        choked: true,
+        interested: false,
+        fetches: Vec::new(),
+        outstanding: 0,
+        last_data: Instant::now(),
+        bad: 0,
+    };
+    let r = tokio::select! {
+        r = d.run(in_rx) => r,
+        _ = kill.notified() => Ok(()),
+    };
+    match &r {
+        Ok(()) => debug!(%addr, "peer closed"),
+        Err(e) => debug!(%addr, "peer dropped: {e:#}"),
+    }
+    d.cleanup();
+    t.unregister(their_id, conn_id);
+    reader.abort();
+    writer.abort();
+}
+
+async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Result<()> {
+    let max = (pieces / 8 + 64).max(MAX_REQUEST as usize + 64);
+    let mut frame = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        tokio::time::timeout(IDLE, r.read_exact(&mut len))
+            .await
+            .context("peer silent")??;
+        let n = u32::from_be_bytes(len) as usize;
+        if n > max {
+            bail!("message of {n} bytes");
+        }
+        frame.clear();
+        frame.extend_from_slice(&len);
+        frame.resize(4 + n, 0);
+        r.read_exact(&mut frame[4..]).await?;
+        let m = match frame.get(4) {
+            // KeepAlive, or a message id outside BEP 3 (extensions we never
+            // announced support for): skipped.
+            None => In::Other,
+            Some(id) if *id > 8 => In::Other,
+            Some(_) => match Message::deserialize(&frame, &[])
+                .map_err(|e| anyhow::anyhow!("bad message: {e}"))?
+                .0
+            {
+                Message::Choke => In::Choke,
+                Message::Unchoke => In::Unchoke,
+                Message::Have(i) => In::Have(i),
+                Message::Bitfield(b) => In::Bitfield(b.as_ref().to_vec()),
+                Message::Request(q) => In::Request(q),
+                Message::Cancel(q) => In::Cancel(q),
+                Message::Piece(p) => {
+                    let (a, b) = p.data();
+                    In::Piece {
+                        index: p.index,
+                        begin: p.begin,
+                        data: [a, b].concat(),
+                    }
+                }
+                _ => In::Other,
+            },
+        };
+        if tx.send(m).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn writer(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    t: Arc<Shared>,
+) -> Result<()> {
+    let mut queue: VecDeque<Request> = VecDeque::new();
+    let mut buf = Vec::new();
+    loop {
+        let next = if queue.is_empty() {
+            match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
+                Ok(Some(o)) => Some(o),
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    w.write_all(&encode(&Message::KeepAlive)).await?;
+                    continue;
+                }
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(o) => Some(o),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+            }
+        };
+        match next {
+            Some(Out::Raw(b)) => w.write_all(&b).await?,
+            Some(Out::Upload(q)) => {
+                if queue.len() < MAX_QUEUED {
+                    queue.push_back(q);
+                }
+            }
+            Some(Out::Cancel(q)) => {
+                queue.retain(|x| (x.index, x.begin, x.length) != (q.index, q.begin, q.length))
+            }
+            None => {
+                let q = queue.pop_front().expect("not empty");
+                let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
+                    bail!("invalid request {q:?}");
+                };
+                if !t.has(q.index as usize) {
+                    // We announced no such piece; a confused peer.
+                    continue;
+                }
+                let len = q.length as usize;
+                buf.resize(len, 0);
+                let storage = t.storage.clone();
+                let mut data = std::mem::take(&mut buf);
+                data = tokio::task::spawn_blocking(move || {
+                    storage.read(off, &mut data).map(|()| data)
+                })
+                .await??;
+                t.up_limit.take(len).await;
+                let msg = encode_piece(q.index, q.begin, &data);
+                w.write_all(&msg).await?;
+                t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
+                buf = data;
+            }
+        }
+    }
+}
+
+fn encode_piece(index: u32, begin: u32, data: &[u8]) -> Vec<u8> {
+    let m = Message::Piece(Piece::from_data(index, begin, data));
+    let mut out = vec![0u8; data.len() + 13];
+    let n = m.serialize(&mut out, &Default::default).unwrap_or(0);
+    out.truncate(n);
+    out
+}
+
+/// A piece being fetched from this peer.
+struct Fetch {
+    index: usize,
+    buf: Vec<u8>,
+    /// Next byte to request.
+    next: u32,
+    /// Which blocks have arrived.
+    got: Vec<bool>,
+    received: usize,
+}
+
+struct Driver {
+    t: Arc<Shared>,
+    out: mpsc::UnboundedSender<Out>,
+    bits: Bits,
+    origin: bool,
+    /// The peer chokes us.
+    choked: bool,
+    interested: bool,
+    fetches: Vec<Fetch>,
+    /// Block requests sent and not answered.
+    outstanding: usize,
+    last_data: Instant,
+    bad: u32,
+}
+
+impl Driver {
+    async fn run(&mut self, mut rx: mpsc::Receiver<In>) -> Result<()> {
+        let have = self.t.have_bytes();
+        if have.iter().any(|&b| b != 0) {
+            self.send(Out::Raw(encode(&Message::Bitfield(have.as_slice().into()))));
+        }
+        self.send(Out::Raw(encode(&Message::Unchoke)));
+        let mut changed = self.t.changed.subscribe();
+        let mut stopped = self.t.stopped.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            self.fill();
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.handle(m).await?,
+                    None => return Ok(()),
+                },
+                r = changed.changed() => r?,
+                _ = until_true(&mut stopped) => return Ok(()),
+                _ = tick.tick() => {
+                    if self.outstanding > 0 && self.last_data.elapsed() > STALL {
+                        bail!("no data for {} s with requests pending", STALL.as_secs());
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&self, o: Out) {
+        let _ = self.out.send(o);
+    }
+
+    async fn handle(&mut self, m: In) -> Result<()> {
+        match m {
+            In::Choke => {
+                self.choked = true;
+                // A choking peer drops our requests.
+                self.drop_fetches(false);
+            }
+            In::Unchoke => self.choked = false,
+            In::Have(i) => {
+                if self.bits.set(i as usize) {
+                    self.t.picker().peer_has(i as usize, self.origin);
+                    self.update_interest();
+                }
+            }
+            In::Bitfield(b) => {
+                let new = Bits::from_bytes(self.bits.len(), &b);
+                let mut p = self.t.picker();
+                for i in new.iter_set() {
+                    if self.bits.set(i) {
+                        p.peer_has(i, self.origin);
+                    }
+                }
+                drop(p);
+                self.update_interest();
+            }
+            In::Request(q) => self.send(Out::Upload(q)),
+            In::Cancel(q) => self.send(Out::Cancel(q)),
+            In::Piece { index, begin, data } => self.on_block(index, begin, data).await?,
+            In::Other => {}
+        }
+        Ok(())
+    }
+
+    fn update_interest(&mut self) {
+        let want = self.t.picker().wants_from(&self.bits);
+        if want != self.interested {
+            self.interested = want;
+            let m = if want {
+                Message::Interested
+            } else {
+                Message::NotInterested
+            };
+            self.send(Out::Raw(encode(&m)));
+        }
+    }
+
+    /// Keeps up to the request window outstanding.
+    fn fill(&mut self) {
+        // Pieces that arrived through another peer meanwhile.
+        if self.fetches.iter().any(|f| self.t.has(f.index)) {
+            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fetches)
+                .into_iter()
+                .partition(|f| self.t.has(f.index));
+            self.fetches = keep;
+            for f in gone {
+                self.abandon(f, true);
+            }
+        }
+        if self.choked || !self.interested {
+            return;
+        }
+        let window = self.t.window;
+        while self.outstanding < window {
+            if let Some(f) = self
+                .fetches
+                .iter_mut()
+                .find(|f| (f.next as usize) < f.buf.len())
+            {
+                let len = BLOCK.min(f.buf.len() as u32 - f.next);
+                let q = Request::new(f.index as u32, f.next, len);
+                f.next += len;
+                self.outstanding += 1;
+                let _ = self.out.send(Out::Raw(encode(&Message::Request(q))));
+                continue;
+            }
+            let max_fetches = window.div_ceil(self.t.blocks_per_piece()).max(1) + 1;
+            if self.fetches.len() >= max_fetches || !self.t.reserve_memory() {
+                break;
+            }
+            let picked = self.t.picker().pick(&self.bits, self.origin);
+            let Some(index) = picked else {
+                self.t.release_memory();
+                break;
+            };
+            let size = self.t.piece_size(index);
+            self.fetches.push(Fetch {
+                index,
+                buf: vec![0u8; size],
+                next: 0,
+                got: vec![false; size.div_ceil(BLOCK as usize)],
+                received: 0,
+            });
+        }
+    }
+
+    async fn on_block(&mut self, index: u32, begin: u32, data: Vec<u8>) -> Result<()> {
+        let Some(pos) = self.fetches.iter().position(|f| f.index == index as usize) else {
+            return Ok(()); // cancelled or a late duplicate
+        };
+        let f = &mut self.fetches[pos];
+        let b = (begin / BLOCK) as usize;
+        if !begin.is_multiple_of(BLOCK)
+            || begin + data.len() as u32 > f.next
+            || f.got.get(b).is_none_or(|g| *g)
+            || data.len() as u32 != BLOCK.min(f.buf.len() as u32 - begin)
+        {
+            bail!("unrequested block {index}:{begin}+{}", data.len());
+        }
+        f.buf[begin as usize..begin as usize + data.len()].copy_from_slice(&data);
+        f.got[b] = true;
+        f.received += data.len();
+        self.outstanding -= 1;
+        self.last_data = Instant::now();
+        self.t.down_limit.take(data.len()).await;
+        if f.received < f.buf.len() {
+            return Ok(());
+        }
+        let f = self.fetches.swap_remove(pos);
+        self.t.release_memory();
+        let index = f.index;
+        if self.t.has(index) {
+            self.t.picker().release(index);
+            return Ok(());
+        }
+        let t = self.t.clone();
+        let ok = tokio::task::spawn_blocking(move || -> Result<bool> {
+            let mut h = sha1w::Sha1::new();
+            h.update(&f.buf);
+            if h.finish() != t.pieces[index] {
+                return Ok(false);
+            }
+            t.storage.write(index as u64 * t.piece_len, &f.buf)?;
+            Ok(true)
+        })
+        .await?;
+        match ok {
+            Ok(true) => self.t.piece_done(index),
+            Ok(false) => {
+                self.t.picker().release(index);
+                self.t.bump();
+                self.bad += 1;
+                debug!(piece = index, "piece failed its hash");
+                if self.bad >= MAX_BAD_PIECES {
+                    bail!("{} pieces failed their hash", self.bad);
+                }
+            }
+            Err(e) => {
+                self.t.picker().release(index);
+                self.t.fail(format!("{e:#}"));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a fetch back to the picker, cancelling its pending blocks.
+    fn abandon(&mut self, f: Fetch, cancel: bool) {
+        let mut off = 0u32;
+        for &got in &f.got {
+            if off >= f.next {
+                break;
+            }
+            if !got {
+                self.outstanding -= 1;
+                if cancel {
+                    let len = BLOCK.min(f.buf.len() as u32 - off);
+                    let q = Request::new(f.index as u32, off, len);
+                    let _ = self.out.send(Out::Raw(encode(&Message::Cancel(q))));
+                }
+            }
+            off += BLOCK;
+        }
+        self.t.release_memory();
+        self.t.picker().release(f.index);
+        self.t.bump();
+    }
+
+    fn drop_fetches(&mut self, cancel: bool) {
+        for f in std::mem::take(&mut self.fetches) {
+            self.abandon(f, cancel);
+        }
+        self.outstanding = 0;
+    }
+
+    fn cleanup(&mut self) {
+        self.drop_fetches(false);
+        self.t.picker().peer_gone(&self.bits, self.origin);
+    }
+}

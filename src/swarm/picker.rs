@@ -1,0 +1,410 @@
+//! Which piece to ask which peer for. Pure bookkeeping, no I/O.
+//!
+//! - From the origin (the server's seed) a host takes only pieces that no
+//!   other peer it knows holds, walking forward from the start offset the
+//!   server gave it. When its walk runs into pieces someone holds, it jumps
+//!   to the middle of the largest run that nobody holds: each piece leaves
+//!   the origin about once, and the room splits the payload between itself.
+//! - From any other peer it takes the rarest piece that peer holds, ties
+//!   broken at random, so fresh pieces spread at once.
+//! - When every missing piece is in flight, an idle peer may fetch one a
+//!   second time (end game); the first copy to arrive wins.
+
+/// At most this many peers fetch the same piece at once (end game).
+const MAX_DUPLICATES: u8 = 2;
+
+/// One peer's pieces.
+#[derive(Debug, Clone, Default)]
+pub struct Bits {
+    bits: Vec<bool>,
+    count: usize,
+}
+
+impl Bits {
+    pub fn new(n: usize) -> Self {
+        Self {
+            bits: vec![false; n],
+            count: 0,
+        }
+    }
+
+    pub fn full(n: usize) -> Self {
+        Self {
+            bits: vec![true; n],
+            count: n,
+        }
+    }
+
+    /// From a BEP 3 bitfield; spare bits at the end are ignored.
+    pub fn from_bytes(n: usize, bytes: &[u8]) -> Self {
+        let mut b = Self::new(n);
+        for i in 0..n {
+            if bytes.get(i / 8).is_some_and(|x| x & (0x80 >> (i % 8)) != 0) {
+                b.set(i);
+            }
+        }
+        b
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.bits.len().div_ceil(8)];
+        for (i, _) in self.bits.iter().enumerate().filter(|(_, b)| **b) {
+            out[i / 8] |= 0x80 >> (i % 8);
+        }
+        out
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        self.bits.get(i).copied().unwrap_or(false)
+    }
+
+    /// Returns false if it was already set or is out of range.
+    pub fn set(&mut self, i: usize) -> bool {
+        match self.bits.get_mut(i) {
+            Some(b) if !*b => {
+                *b = true;
+                self.count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn len(&self) -> usize {
+        self.bits.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == self.bits.len()
+    }
+
+    pub fn iter_set(&self) -> impl Iterator<Item = usize> + '_ {
+        self.bits
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b)
+            .map(|(i, _)| i)
+    }
+}
+
+/// The pieces this side has, what its peers have, and what is in flight.
+#[derive(Debug)]
+pub struct Picker {
+    have: Bits,
+    /// Peers holding each piece.
+    avail: Vec<u32>,
+    /// Peers other than the origin holding each piece.
+    relay_avail: Vec<u32>,
+    /// Peers each piece is being fetched from.
+    inflight: Vec<u8>,
+    inflight_pieces: usize,
+    /// Next piece of the walk over the origin's pieces.
+    cursor: usize,
+    rng: u64,
+}
+
+impl Picker {
+    /// `start` is where the walk over the origin's pieces begins, as a
+    /// fraction of the payload.
+    pub fn new(have: Bits, start: f64, seed: u64) -> Self {
+        let n = have.len();
+        let cursor = ((start.clamp(0.0, 1.0) * n as f64) as usize).min(n.saturating_sub(1));
+        Self {
+            have,
+            avail: vec![0; n],
+            relay_avail: vec![0; n],
+            inflight: vec![0; n],
+            inflight_pieces: 0,
+            cursor,
+            rng: seed | 1,
+        }
+    }
+
+    pub fn have(&self) -> &Bits {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.is_full()
+    }
+
+    pub fn peer_has(&mut self, piece: usize, origin: bool) {
+        if let Some(a) = self.avail.get_mut(piece) {
+            *a += 1;
+            if !origin {
+                self.relay_avail[piece] += 1;
+            }
+        }
+    }
+
+    pub fn peer_gone(&mut self, bits: &Bits, origin: bool) {
+        for i in bits.iter_set() {
+            self.avail[i] = self.avail[i].saturating_sub(1);
+            if !origin {
+                self.relay_avail[i] = self.relay_avail[i].saturating_sub(1);
+            }
+        }
+    }
+
+    /// Whether `peer` holds anything this side lacks.
+    pub fn wants_from(&self, peer: &Bits) -> bool {
+        !self.have.is_full() && peer.iter_set().any(|i| !self.have.get(i))
+    }
+
+    fn free(&self, i: usize, peer: &Bits, origin: bool) -> bool {
+        !self.have.get(i)
+            && self.inflight[i] == 0
+            && peer.get(i)
+            && (!origin || self.relay_avail[i] == 0)
+    }
+
+    /// The next piece to fetch from `peer`, marked in flight; `None` if the
+    /// peer has nothing useful that is not already coming.
+    pub fn pick(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
+        let p = if origin {
+            self.pick_origin(peer)
+        } else {
+            self.pick_rarest(peer)
+        }
+        .or_else(|| self.pick_duplicate(peer, origin))?;
+        if self.inflight[p] == 0 {
+            self.inflight_pieces += 1;
+        }
+        self.inflight[p] += 1;
+        Some(p)
+    }
+
+    fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
+        let n = self.have.len();
+        if n == 0 {
+            return None;
+        }
+        if !self.free(self.cursor, peer, true) {
+            self.cursor = self.largest_gap(peer)?;
+        }
+        let p = self.cursor;
+        self.cursor = (p + 1) % n;
+        Some(p)
+    }
+
+    /// Start of a new walk: the middle of the largest circular run of free
+    /// pieces (its first piece if the run is short or is the whole ring).
+    fn largest_gap(&self, peer: &Bits) -> Option<usize> {
+        let n = self.have.len();
+        // Begin the scan just after a piece that is not free, so no run wraps.
+        let Some(anchor) = (0..n).find(|&i| !self.free(i, peer, true)) else {
+            return Some(self.cursor);
+        };
+        let (mut best, mut best_len) = (None, 0usize);
+        let (mut run_start, mut run_len) = (0, 0usize);
+        for k in 1..=n {
+            let i = (anchor + k) % n;
+            if self.free(i, peer, true) {
+                if run_len == 0 {
+                    run_start = i;
+                }
+                run_len += 1;
+            } else {
+                if run_len > best_len {
+                    best = Some(run_start);
+                    best_len = run_len;
+                }
+                run_len = 0;
+            }
+        }
+        let start = best?;
+        let skip = if best_len >= 4 { best_len / 2 } else { 0 };
+        Some((start + skip) % n)
+    }
+
+    fn pick_rarest(&mut self, peer: &Bits) -> Option<usize> {
+        let n = self.have.len();
+        if n == 0 {
+            return None;
+        }
+        let from = (self.next_rand() % n as u64) as usize;
+        let mut best: Option<(u32, usize)> = None;
+        for k in 0..n {
+            let i = (from + k) % n;
+            if self.free(i, peer, false) && best.is_none_or(|(a, _)| self.avail[i] < a) {
+                best = Some((self.avail[i], i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// End game: every missing piece is already in flight.
+    fn pick_duplicate(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
+        let missing = self.have.len() - self.have.count();
+        if missing == 0 || self.inflight_pieces < missing {
+            return None;
+        }
+        (0..self.have.len())
+            .filter(|&i| {
+                !self.have.get(i)
+                    && peer.get(i)
+                    && (1..MAX_DUPLICATES).contains(&self.inflight[i])
+                    && (!origin || self.relay_avail[i] == 0)
+            })
+            .min_by_key(|&i| self.avail[i])
+    }
+
+    /// A fetch of `piece` ended without it (peer gone, choked, bad hash).
+    pub fn release(&mut self, piece: usize) {
+        if let Some(f) = self.inflight.get_mut(piece)
+            && *f > 0
+        {
+            *f -= 1;
+            if *f == 0 {
+                self.inflight_pieces -= 1;
+            }
+        }
+    }
+
+    /// `piece` arrived and passed its hash. Returns false if another copy
+    /// got here first. The fetch counts as ended either way.
+    pub fn complete(&mut self, piece: usize) -> bool {
+        self.release(piece);
+        self.have.set(piece)
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn picker(n: usize, start: f64) -> Picker {
+        Picker::new(Bits::new(n), start, 7)
+    }
+
+    #[test]
+    fn bitfield_round_trip() {
+        let mut b = Bits::new(11);
+        for i in [0, 3, 8, 10] {
+            b.set(i);
+        }
+        let bytes = b.to_bytes();
+        assert_eq!(bytes, vec![0b1001_0000, 0b1010_0000]);
+        let back = Bits::from_bytes(11, &bytes);
+        assert_eq!(back.iter_set().collect::<Vec<_>>(), vec![0, 3, 8, 10]);
+        assert_eq!(back.count(), 4);
+        assert!(!back.get(11));
+    }
+
+    #[test]
+    fn origin_walk_starts_at_the_offset_and_goes_forward() {
+        let mut p = picker(100, 0.25);
+        let seed = Bits::full(100);
+        for want in 25..35 {
+            assert_eq!(p.pick(&seed, true), Some(want));
+        }
+    }
+
+    #[test]
+    fn origin_walk_skips_what_peers_hold_and_splits_the_largest_gap() {
+        let mut p = picker(100, 0.0);
+        let seed = Bits::full(100);
+        // A relay holds 0..50 (it walked there): our walk jumps to the middle
+        // of the free run 50..100.
+        for i in 0..50 {
+            p.peer_has(i, false);
+        }
+        assert_eq!(p.pick(&seed, true), Some(75));
+        assert_eq!(p.pick(&seed, true), Some(76));
+    }
+
+    #[test]
+    fn origin_pieces_held_by_a_relay_are_not_taken_from_the_origin() {
+        let mut p = picker(4, 0.0);
+        let seed = Bits::full(4);
+        for i in 0..4 {
+            p.peer_has(i, true);
+        }
+        p.peer_has(1, false);
+        p.peer_has(2, false);
+        let mut got = vec![p.pick(&seed, true).unwrap(), p.pick(&seed, true).unwrap()];
+        got.sort();
+        assert_eq!(got, vec![0, 3]);
+        // 1 and 2 come from the relay; nothing more from the origin, not
+        // even as duplicates, while a relay holds them.
+        assert_eq!(p.pick(&seed, true), None);
+    }
+
+    #[test]
+    fn rarest_first_from_relays() {
+        let mut p = picker(3, 0.0);
+        let mut a = Bits::new(3);
+        let mut b = Bits::new(3);
+        for i in 0..3 {
+            a.set(i);
+            p.peer_has(i, false);
+        }
+        b.set(0);
+        b.set(1);
+        p.peer_has(0, false);
+        p.peer_has(1, false);
+        // Piece 2 is held by one peer only: first.
+        assert_eq!(p.pick(&a, false), Some(2));
+        let next = p.pick(&b, false).unwrap();
+        assert!(next == 0 || next == 1);
+    }
+
+    #[test]
+    fn end_game_duplicates_then_first_copy_wins() {
+        let mut p = picker(2, 0.0);
+        let full = Bits::full(2);
+        for i in 0..2 {
+            p.peer_has(i, false);
+            p.peer_has(i, false);
+        }
+        let a = p.pick(&full, false).unwrap();
+        let b = p.pick(&full, false).unwrap();
+        assert_ne!(a, b);
+        // All missing pieces in flight: a second peer may double one.
+        let d = p.pick(&full, false).unwrap();
+        assert!(d == a || d == b);
+        let e = p.pick(&full, false).unwrap();
+        assert_ne!(d, e);
+        // No third copy.
+        assert_eq!(p.pick(&full, false), None);
+        assert!(p.complete(d));
+        assert!(!p.complete(d), "the second copy is not counted twice");
+        p.release(e);
+        p.release(e);
+        assert!(p.pick(&full, false) == Some(e));
+        assert!(p.complete(e));
+        assert!(p.is_complete());
+        assert_eq!(p.pick(&full, false), None);
+    }
+
+    #[test]
+    fn released_pieces_are_picked_again() {
+        let mut p = picker(1, 0.0);
+        let seed = Bits::full(1);
+        assert_eq!(p.pick(&seed, true), Some(0));
+        // In flight: only the end game may double it.
+        assert_eq!(p.pick(&seed, true), Some(0));
+        assert_eq!(p.pick(&seed, true), None);
+        p.release(0);
+        p.release(0);
+        assert_eq!(p.pick(&seed, true), Some(0));
+    }
+}
