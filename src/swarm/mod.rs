@@ -590,10 +590,10 @@ impl Shared {
     }
 
     /// A piece passed its hash and is on the target.
-    fn piece_done(&self, i: usize) {
+    fn piece_done(&self, i: usize, from_origin: bool) {
         let (new, complete) = {
             let mut p = self.picker();
-            (p.complete(i), p.is_complete())
+            (p.complete(i, from_origin), p.is_complete())
         };
         if new {
             let len = self.piece_size(i) as u64;
@@ -641,7 +641,7 @@ impl Shared {
             self.done_bytes.store(bytes, Ordering::Relaxed);
             let mut p = self.picker();
             for i in good.iter_set() {
-                p.complete(i);
+                p.complete(i, false);
             }
         }
         if self.picker().is_complete() {

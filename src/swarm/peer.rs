@@ -461,7 +461,7 @@ impl Driver {
         })
         .await?;
         match ok {
-            Ok(true) => self.t.piece_done(index),
+            Ok(true) => self.t.piece_done(index, self.origin),
             Ok(false) => {
                 self.t.picker().release(index);
                 self.t.bump();

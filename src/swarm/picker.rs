@@ -108,6 +108,8 @@ pub struct Picker {
     inflight_pieces: usize,
     /// Next piece of the walk over the origin's pieces.
     cursor: usize,
+    /// The walk ran into another host's walk: start a new one.
+    rewalk: bool,
     rng: u64,
 }
 
@@ -124,6 +126,7 @@ impl Picker {
             inflight: vec![0; n],
             inflight_pieces: 0,
             cursor,
+            rewalk: false,
             rng: seed | 1,
         }
     }
@@ -187,7 +190,8 @@ impl Picker {
         if n == 0 {
             return None;
         }
-        if !self.free(self.cursor, peer, true) {
+        if self.rewalk || !self.free(self.cursor, peer, true) {
+            self.rewalk = false;
             self.cursor = self.largest_gap(peer)?;
         }
         let p = self.cursor;
@@ -195,9 +199,11 @@ impl Picker {
         Some(p)
     }
 
-    /// Start of a new walk: the middle of the largest circular run of free
-    /// pieces (its first piece if the run is short or is the whole ring).
-    fn largest_gap(&self, peer: &Bits) -> Option<usize> {
+    /// Start of a new walk: about the middle of the largest circular run of
+    /// free pieces (its first piece if the run is short or is the whole
+    /// ring). The point is jittered so that two hosts choosing at once do not
+    /// walk in step.
+    fn largest_gap(&mut self, peer: &Bits) -> Option<usize> {
         let n = self.have.len();
         // Begin the scan just after a piece that is not free, so no run wraps.
         let Some(anchor) = (0..n).find(|&i| !self.free(i, peer, true)) else {
@@ -221,7 +227,12 @@ impl Picker {
             }
         }
         let start = best?;
-        let skip = if best_len >= 4 { best_len / 2 } else { 0 };
+        let skip = if best_len >= 4 {
+            let jitter = (self.next_rand() % (best_len as u64 / 3 + 1)) as usize;
+            best_len / 3 + jitter
+        } else {
+            0
+        };
         Some((start + skip) % n)
     }
 
@@ -270,9 +281,14 @@ impl Picker {
     }
 
     /// `piece` arrived and passed its hash. Returns false if another copy
-    /// got here first. The fetch counts as ended either way.
-    pub fn complete(&mut self, piece: usize) -> bool {
+    /// got here first. The fetch counts as ended either way. A piece from the
+    /// origin that a relay holds too means another host walks the same run:
+    /// the next piece from the origin starts a new walk.
+    pub fn complete(&mut self, piece: usize, from_origin: bool) -> bool {
         self.release(piece);
+        if from_origin && self.relay_avail.get(piece).is_some_and(|&a| a > 0) {
+            self.rewalk = true;
+        }
         self.have.set(piece)
     }
 
@@ -327,8 +343,15 @@ mod tests {
         for i in 0..50 {
             p.peer_has(i, false);
         }
-        assert_eq!(p.pick(&seed, true), Some(75));
-        assert_eq!(p.pick(&seed, true), Some(76));
+        let a = p.pick(&seed, true).unwrap();
+        assert!((66..=84).contains(&a), "{a}");
+        assert_eq!(p.pick(&seed, true), Some(a + 1));
+        // Another host turns out to walk the same run: start anew.
+        p.peer_has(a, false);
+        assert!(p.complete(a, true));
+        let b = p.pick(&seed, true).unwrap();
+        assert_ne!(b, a + 2);
+        assert!(!p.have().get(b) && b >= 50);
     }
 
     #[test]
@@ -385,12 +408,15 @@ mod tests {
         assert_ne!(d, e);
         // No third copy.
         assert_eq!(p.pick(&full, false), None);
-        assert!(p.complete(d));
-        assert!(!p.complete(d), "the second copy is not counted twice");
+        assert!(p.complete(d, false));
+        assert!(
+            !p.complete(d, false),
+            "the second copy is not counted twice"
+        );
         p.release(e);
         p.release(e);
         assert!(p.pick(&full, false) == Some(e));
-        assert!(p.complete(e));
+        assert!(p.complete(e, false));
         assert!(p.is_complete());
         assert_eq!(p.pick(&full, false), None);
     }
