@@ -106,10 +106,7 @@ fn check_target(image: &Path, src: &Path, target: &Path) {
 fn gpt_disk_to_same_size_and_larger_targets() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let disk = mkdisk(t, "disk.img", "gpt", 32);
-    let size = std::fs::metadata(&disk).unwrap().len();
-    let image = t.join("image");
-    capture(&disk, &image, true);
+    let (disk, size, image) = captured(t, "gpt", 32);
     let m = Image::open(&image).unwrap().manifest;
     let kinds: Vec<String> = m
         .regions
@@ -229,10 +226,7 @@ fn mbr_disk_with_logical_partitions() {
 fn bare_ext4_without_partition_table() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let disk = mkdisk(t, "disk.img", "bare", 48);
-    let size = std::fs::metadata(&disk).unwrap().len();
-    let image = t.join("image");
-    capture(&disk, &image, true);
+    let (disk, size, image) = captured(t, "bare", 48);
     let m = Image::open(&image).unwrap().manifest;
     assert_eq!(m.regions.len(), 1);
     assert_eq!(m.regions[0].fs.as_ref().unwrap().to_string(), "ext");

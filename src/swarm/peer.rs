@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::picker::Bits;
 use super::{PeerId, Shared, until_true};
@@ -125,6 +125,7 @@ pub async fn run(
     let reader = tokio::spawn(reader(r, in_tx, t.pieces.len()));
     let writer = tokio::spawn(writer(w, out_rx, t.clone()));
     let mut d = Driver {
+        addr,
         t: t.clone(),
         out: out_tx,
         bits: Bits::new(t.pieces.len()),
@@ -279,6 +280,7 @@ struct Fetch {
 }
 
 struct Driver {
+    addr: SocketAddr,
     t: Arc<Shared>,
     out: mpsc::UnboundedSender<Out>,
     bits: Bits,
@@ -468,6 +470,10 @@ impl Driver {
                 self.bad += 1;
                 debug!(piece = index, "piece failed its hash");
                 if self.bad >= MAX_BAD_PIECES {
+                    warn!(
+                        "peer {}: {} pieces it sent failed their hash; dropped",
+                        self.addr, self.bad
+                    );
                     bail!("{} pieces failed their hash", self.bad);
                 }
             }

@@ -464,3 +464,13 @@ pub fn capture(disk: &Path, out: &Path, store: bool) {
     }
     bs_ok(&args);
 }
+
+/// A test disk of `layout` captured with its store file: (disk, its size,
+/// the image directory).
+pub fn captured(dir: &Path, layout: &str, scale_mib: u32) -> (PathBuf, u64, PathBuf) {
+    let disk = mkdisk(dir, "disk.img", layout, scale_mib);
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let image = dir.join("image");
+    capture(&disk, &image, true);
+    (disk, size, image)
+}
