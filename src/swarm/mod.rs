@@ -39,6 +39,8 @@ pub const DEFAULT_REQUEST_WINDOW: usize = 16;
 /// Memory for pieces being fetched, per torrent. At least one piece is
 /// always allowed, whatever its size.
 const FETCH_MEMORY: usize = 64 << 20;
+/// Peer id prefix of the agents (the origin's is the tracker's).
+const HOST_PREFIX: &[u8] = b"-BS0100-";
 /// Peers one torrent connects to at most.
 const MAX_PEERS: usize = 200;
 
@@ -112,7 +114,7 @@ impl SwarmSession {
         let prefix: &[u8] = if origin {
             crate::server::tracker::ORIGIN_PREFIX
         } else {
-            concat!("-BS", "0100", "-").as_bytes()
+            HOST_PREFIX
         };
         let inner = Arc::new(SessionInner {
             peer_id: random_peer_id(prefix),
@@ -430,6 +432,8 @@ enum State {
 
 struct PeerEntry {
     conn: u64,
+    /// Another blockswarm host (not the origin): told of claims early.
+    host: bool,
     /// Peer id of the side that dialled.
     dialer: PeerId,
     out: mpsc::UnboundedSender<Out>,
@@ -561,10 +565,12 @@ impl Shared {
             return None;
         }
         let conn = self.conn_serial.fetch_add(1, Ordering::Relaxed);
+        let host = id.starts_with(HOST_PREFIX);
         peers.insert(
             id,
             PeerEntry {
                 conn,
+                host,
                 dialer,
                 out,
                 kill,
@@ -587,6 +593,29 @@ impl Shared {
         }
         drop(peers);
         self.bump();
+    }
+
+    /// A piece picked from the origin: the other hosts hear of it at once
+    /// (a Have before the piece is here), so none of them asks the origin
+    /// for it too. Their requests wait until it is here.
+    fn claim(&self, i: usize) {
+        if !self.picker().claim(i) {
+            return;
+        }
+        for p in self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            if p.host {
+                let _ = p.out.send(Out::have(i));
+            }
+        }
+    }
+
+    fn is_claimed(&self, i: usize) -> bool {
+        self.picker().is_claimed(i)
     }
 
     /// A piece passed its hash and is on the target.

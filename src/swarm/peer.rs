@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use librqbit_peer_protocol::{Handshake, Message, Piece, Request};
+use librqbit_peer_protocol::{Handshake, Message, Request};
 use sha1w::ISha1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,6 +40,8 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 const MAX_BAD_PIECES: u32 = 3;
 
 const HANDSHAKE_LEN: usize = 68;
+/// Length prefix, id, index and begin of a piece message.
+const PIECE_HEADER: usize = 13;
 
 /// Ours: no extensions, so peers send nothing beyond BEP 3.
 pub fn handshake(info_hash: [u8; 20], peer_id: PeerId) -> [u8; HANDSHAKE_LEN] {
@@ -96,10 +98,11 @@ enum In {
     Bitfield(Vec<u8>),
     Request(Request),
     Cancel(Request),
+    /// The whole message; the block starts at [`PIECE_HEADER`].
     Piece {
         index: u32,
         begin: u32,
-        data: Vec<u8>,
+        frame: Vec<u8>,
     },
     Other,
 }
@@ -153,7 +156,6 @@ pub async fn run(
 
 async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Result<()> {
     let max = (pieces / 8 + 64).max(MAX_REQUEST as usize + 64);
-    let mut frame = Vec::new();
     loop {
         let mut len = [0u8; 4];
         tokio::time::timeout(IDLE, r.read_exact(&mut len))
@@ -163,35 +165,38 @@ async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Re
         if n > max {
             bail!("message of {n} bytes");
         }
-        frame.clear();
-        frame.extend_from_slice(&len);
-        frame.resize(4 + n, 0);
+        // Each message gets its own buffer: a block is then handed on
+        // without another copy.
+        let mut frame = vec![0u8; 4 + n];
+        frame[..4].copy_from_slice(&len);
         r.read_exact(&mut frame[4..]).await?;
         let m = match frame.get(4) {
             // KeepAlive, or a message id outside BEP 3 (extensions we never
             // announced support for): skipped.
             None => In::Other,
             Some(id) if *id > 8 => In::Other,
-            Some(_) => match Message::deserialize(&frame, &[])
-                .map_err(|e| anyhow::anyhow!("bad message: {e}"))?
-                .0
-            {
-                Message::Choke => In::Choke,
-                Message::Unchoke => In::Unchoke,
-                Message::Have(i) => In::Have(i),
-                Message::Bitfield(b) => In::Bitfield(b.as_ref().to_vec()),
-                Message::Request(q) => In::Request(q),
-                Message::Cancel(q) => In::Cancel(q),
-                Message::Piece(p) => {
-                    let (a, b) = p.data();
-                    In::Piece {
-                        index: p.index,
-                        begin: p.begin,
-                        data: [a, b].concat(),
+            Some(_) => {
+                let parsed = Message::deserialize(&frame, &[])
+                    .map_err(|e| anyhow::anyhow!("bad message: {e}"))?
+                    .0;
+                match parsed {
+                    Message::Choke => In::Choke,
+                    Message::Unchoke => In::Unchoke,
+                    Message::Have(i) => In::Have(i),
+                    Message::Bitfield(b) => In::Bitfield(b.as_ref().to_vec()),
+                    Message::Request(q) => In::Request(q),
+                    Message::Cancel(q) => In::Cancel(q),
+                    Message::Piece(p) => {
+                        let (index, begin) = (p.index, p.begin);
+                        In::Piece {
+                            index,
+                            begin,
+                            frame,
+                        }
                     }
+                    _ => In::Other,
                 }
-                _ => In::Other,
-            },
+            }
         };
         if tx.send(m).await.is_err() {
             return Ok(());
@@ -205,35 +210,79 @@ async fn writer(
     t: Arc<Shared>,
 ) -> Result<()> {
     let mut queue: VecDeque<Request> = VecDeque::new();
+    // Requests for pieces claimed from the origin and not here yet.
+    let mut waiting: Vec<Request> = Vec::new();
+    let mut changed = t.changed.subscribe();
     let mut buf = Vec::new();
+    let mut control = Vec::new();
     loop {
-        let next = if queue.is_empty() {
-            match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
-                Ok(Some(o)) => Some(o),
-                Ok(None) => return Ok(()),
-                Err(_) => {
+        if !waiting.is_empty() {
+            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting)
+                .into_iter()
+                .partition(|q| t.has(q.index as usize));
+            queue.extend(ready);
+            waiting = rest
+                .into_iter()
+                .filter(|q| t.is_claimed(q.index as usize))
+                .collect();
+        }
+        let first = if queue.is_empty() {
+            tokio::select! {
+                o = rx.recv() => match o {
+                    Some(o) => Some(o),
+                    None => return Ok(()),
+                },
+                r = changed.changed(), if !waiting.is_empty() => {
+                    r?;
+                    continue;
+                }
+                _ = tokio::time::sleep(KEEPALIVE) => {
                     w.write_all(&encode(&Message::KeepAlive)).await?;
                     continue;
                 }
             }
         } else {
-            match rx.try_recv() {
-                Ok(o) => Some(o),
-                Err(mpsc::error::TryRecvError::Empty) => None,
-                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
-            }
+            None
         };
-        match next {
-            Some(Out::Raw(b)) => w.write_all(&b).await?,
-            Some(Out::Upload(q)) => {
-                if queue.len() < MAX_QUEUED {
-                    queue.push_back(q);
+        // Everything queued is taken at once: control messages go out in
+        // one write (one packet) rather than one each.
+        let mut next = first;
+        loop {
+            let o = match next.take() {
+                Some(o) => o,
+                None => match rx.try_recv() {
+                    Ok(o) => o,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                },
+            };
+            match o {
+                Out::Raw(b) => control.extend_from_slice(&b),
+                Out::Upload(q) => {
+                    let i = q.index as usize;
+                    if queue.len() + waiting.len() >= MAX_QUEUED {
+                        // A peer asking for this much is not one of ours.
+                    } else if !t.has(i) && t.is_claimed(i) {
+                        waiting.push(q);
+                    } else {
+                        queue.push_back(q);
+                    }
+                }
+                Out::Cancel(q) => {
+                    let same =
+                        |x: &Request| (x.index, x.begin, x.length) == (q.index, q.begin, q.length);
+                    queue.retain(|x| !same(x));
+                    waiting.retain(|x| !same(x));
                 }
             }
-            Some(Out::Cancel(q)) => {
-                queue.retain(|x| (x.index, x.begin, x.length) != (q.index, q.begin, q.length))
-            }
-            None => {
+        }
+        if !control.is_empty() {
+            w.write_all(&control).await?;
+            control.clear();
+        }
+        match queue.is_empty() {
+            true => {}
+            false => {
                 let q = queue.pop_front().expect("not empty");
                 let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
                     bail!("invalid request {q:?}");
@@ -243,29 +292,32 @@ async fn writer(
                     continue;
                 }
                 let len = q.length as usize;
-                buf.resize(len, 0);
-                let storage = t.storage.clone();
-                let mut data = std::mem::take(&mut buf);
-                data = tokio::task::spawn_blocking(move || {
-                    storage.read(off, &mut data).map(|()| data)
-                })
-                .await??;
+                // The message, with the block read straight into it. Reads
+                // mostly hit the page cache; a disk read parks this worker
+                // only (block_in_place).
+                buf.clear();
+                buf.extend_from_slice(&(9 + q.length).to_be_bytes());
+                buf.push(7);
+                buf.extend_from_slice(&q.index.to_be_bytes());
+                buf.extend_from_slice(&q.begin.to_be_bytes());
+                buf.resize(PIECE_HEADER + len, 0);
+                blocking(|| t.storage.read(off, &mut buf[PIECE_HEADER..]))?;
                 t.up_limit.take(len).await;
-                let msg = encode_piece(q.index, q.begin, &data);
-                w.write_all(&msg).await?;
+                w.write_all(&buf).await?;
                 t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
-                buf = data;
             }
         }
     }
 }
 
-fn encode_piece(index: u32, begin: u32, data: &[u8]) -> Vec<u8> {
-    let m = Message::Piece(Piece::from_data(index, begin, data));
-    let mut out = vec![0u8; data.len() + 13];
-    let n = m.serialize(&mut out, &Default::default).unwrap_or(0);
-    out.truncate(n);
-    out
+/// Runs a short blocking call on this worker, letting the runtime move its
+/// other tasks elsewhere (when it has other workers).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// A piece being fetched from this peer.
@@ -277,6 +329,8 @@ struct Fetch {
     /// Which blocks have arrived.
     got: Vec<bool>,
     received: usize,
+    /// When it was asked for, or its last block came.
+    last: Instant,
 }
 
 struct Driver {
@@ -318,6 +372,7 @@ impl Driver {
                     if self.outstanding > 0 && self.last_data.elapsed() > STALL {
                         bail!("no data for {} s with requests pending", STALL.as_secs());
                     }
+                    self.drop_stuck();
                 }
             }
         }
@@ -354,7 +409,11 @@ impl Driver {
             }
             In::Request(q) => self.send(Out::Upload(q)),
             In::Cancel(q) => self.send(Out::Cancel(q)),
-            In::Piece { index, begin, data } => self.on_block(index, begin, data).await?,
+            In::Piece {
+                index,
+                begin,
+                frame,
+            } => self.on_block(index, begin, &frame[PIECE_HEADER..]).await?,
             In::Other => {}
         }
         Ok(())
@@ -418,11 +477,15 @@ impl Driver {
                 next: 0,
                 got: vec![false; size.div_ceil(BLOCK as usize)],
                 received: 0,
+                last: Instant::now(),
             });
+            if self.origin {
+                self.t.claim(index);
+            }
         }
     }
 
-    async fn on_block(&mut self, index: u32, begin: u32, data: Vec<u8>) -> Result<()> {
+    async fn on_block(&mut self, index: u32, begin: u32, data: &[u8]) -> Result<()> {
         let Some(pos) = self.fetches.iter().position(|f| f.index == index as usize) else {
             return Ok(()); // cancelled or a late duplicate
         };
@@ -435,9 +498,10 @@ impl Driver {
         {
             bail!("unrequested block {index}:{begin}+{}", data.len());
         }
-        f.buf[begin as usize..begin as usize + data.len()].copy_from_slice(&data);
+        f.buf[begin as usize..begin as usize + data.len()].copy_from_slice(data);
         f.got[b] = true;
         f.received += data.len();
+        f.last = Instant::now();
         self.outstanding -= 1;
         self.last_data = Instant::now();
         self.t.down_limit.take(data.len()).await;
@@ -494,7 +558,7 @@ impl Driver {
                 break;
             }
             if !got {
-                self.outstanding -= 1;
+                self.outstanding = self.outstanding.saturating_sub(1);
                 if cancel {
                     let len = BLOCK.min(f.buf.len() as u32 - off);
                     let q = Request::new(f.index as u32, off, len);
@@ -504,8 +568,35 @@ impl Driver {
             off += BLOCK;
         }
         self.t.release_memory();
-        self.t.picker().release(f.index);
+        {
+            let mut p = self.t.picker();
+            p.release(f.index);
+            if self.origin {
+                p.reclaim_next(f.index);
+            }
+        }
         self.t.bump();
+    }
+
+    /// A piece the peer announced but does not deliver (a claim it could not
+    /// fill): asked elsewhere, and not of this peer until it announces it again.
+    fn drop_stuck(&mut self) {
+        let stuck: Vec<usize> = self
+            .fetches
+            .iter()
+            .filter(|f| f.last.elapsed() > STALL)
+            .map(|f| f.index)
+            .collect();
+        for i in stuck {
+            if let Some(pos) = self.fetches.iter().position(|f| f.index == i) {
+                let f = self.fetches.swap_remove(pos);
+                debug!(addr = %self.addr, piece = i, "piece stuck at this peer");
+                self.abandon(f, true);
+                if self.bits.unset(i) {
+                    self.t.picker().peer_lost(i, self.origin);
+                }
+            }
+        }
     }
 
     fn drop_fetches(&mut self, cancel: bool) {

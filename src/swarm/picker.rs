@@ -70,6 +70,18 @@ impl Bits {
         }
     }
 
+    /// Returns false if it was not set.
+    pub fn unset(&mut self, i: usize) -> bool {
+        match self.bits.get_mut(i) {
+            Some(b) if *b => {
+                *b = false;
+                self.count -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn count(&self) -> usize {
         self.count
     }
@@ -105,6 +117,8 @@ pub struct Picker {
     relay_avail: Vec<u32>,
     /// Peers each piece is being fetched from.
     inflight: Vec<u8>,
+    /// Pieces being fetched from the origin, announced early to other hosts.
+    claimed: Vec<bool>,
     inflight_pieces: usize,
     /// Next piece of the walk over the origin's pieces.
     cursor: usize,
@@ -124,6 +138,7 @@ impl Picker {
             avail: vec![0; n],
             relay_avail: vec![0; n],
             inflight: vec![0; n],
+            claimed: vec![false; n],
             inflight_pieces: 0,
             cursor,
             rewalk: false,
@@ -268,6 +283,40 @@ impl Picker {
             .min_by_key(|&i| self.avail[i])
     }
 
+    /// Marks a piece picked from the origin as claimed; true if it was not.
+    pub fn claim(&mut self, piece: usize) -> bool {
+        match self.claimed.get_mut(piece) {
+            Some(c) if !*c && !self.have.get(piece) => {
+                *c = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn is_claimed(&self, piece: usize) -> bool {
+        self.claimed.get(piece).copied().unwrap_or(false)
+    }
+
+    /// The origin fetch of a claimed piece failed: the other hosts were told
+    /// it is here, so it is fetched again from the origin next.
+    pub fn reclaim_next(&mut self, piece: usize) {
+        if self.is_claimed(piece) && !self.have.get(piece) {
+            self.cursor = piece;
+            self.rewalk = false;
+        }
+    }
+
+    /// A peer announced `piece` but could not deliver it: forget it there.
+    pub fn peer_lost(&mut self, piece: usize, origin: bool) {
+        if let Some(a) = self.avail.get_mut(piece) {
+            *a = a.saturating_sub(1);
+            if !origin {
+                self.relay_avail[piece] = self.relay_avail[piece].saturating_sub(1);
+            }
+        }
+    }
+
     /// A fetch of `piece` ended without it (peer gone, choked, bad hash).
     pub fn release(&mut self, piece: usize) {
         if let Some(f) = self.inflight.get_mut(piece)
@@ -288,6 +337,9 @@ impl Picker {
         self.release(piece);
         if from_origin && self.relay_avail.get(piece).is_some_and(|&a| a > 0) {
             self.rewalk = true;
+        }
+        if let Some(c) = self.claimed.get_mut(piece) {
+            *c = false;
         }
         self.have.set(piece)
     }
