@@ -34,15 +34,15 @@ use picker::{Bits, Picker};
 
 pub type PeerId = [u8; 20];
 
-/// Block requests kept outstanding per peer by default.
+/// Block requests kept outstanding per peer by default (32 measured slower).
 pub const DEFAULT_REQUEST_WINDOW: usize = 16;
 /// Memory for pieces being fetched, per torrent. At least one piece is
 /// always allowed, whatever its size.
 const FETCH_MEMORY: usize = 64 << 20;
 /// Peer id prefix of the agents (the origin's is the tracker's).
 const HOST_PREFIX: &[u8] = b"-BS0100-";
-/// Peers one torrent connects to at most.
-const MAX_PEERS: usize = 200;
+/// Connections one torrent keeps at most (the server's seed has one per host).
+const MAX_PEERS: usize = 1024;
 
 /// How a torrent finds peers and orders its pieces.
 #[derive(Debug, Clone, Default)]
