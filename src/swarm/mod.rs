@@ -34,8 +34,8 @@ use picker::{Bits, Picker};
 
 pub type PeerId = [u8; 20];
 
-/// Block requests kept outstanding per peer by default (32 measured slower).
-pub const DEFAULT_REQUEST_WINDOW: usize = 16;
+/// Block requests kept outstanding per peer (32 measured slower).
+pub(crate) const REQUEST_WINDOW: usize = 16;
 /// Memory for pieces being fetched, per torrent. At least one piece is
 /// always allowed, whatever its size.
 const FETCH_MEMORY: usize = 64 << 20;
@@ -54,8 +54,6 @@ pub struct SwarmConfig {
     /// Replaces the torrent's trackers when not empty.
     pub trackers: Vec<String>,
     pub disable_trackers: bool,
-    /// Block requests kept outstanding per peer.
-    pub request_window: Option<usize>,
     /// Where, as a fraction of the payload, this host starts taking pieces
     /// from the server's seed (assigned by the server, spread over the room).
     pub start_fraction: f64,
@@ -221,7 +219,6 @@ impl SwarmSession {
             fetch_memory: AtomicUsize::new(0),
             up_limit: self.inner.up_limit.clone(),
             down_limit: self.inner.down_limit.clone(),
-            window: cfg.request_window.unwrap_or(DEFAULT_REQUEST_WINDOW).max(1),
         });
         let mut tasks = JoinSet::new();
         let (peers_tx, peers_rx) = mpsc::unbounded_channel();
@@ -465,7 +462,6 @@ pub(crate) struct Shared {
     fetch_memory: AtomicUsize,
     up_limit: Arc<Limiter>,
     down_limit: Arc<Limiter>,
-    window: usize,
 }
 
 impl Shared {

@@ -280,33 +280,29 @@ async fn writer(
             w.write_all(&control).await?;
             control.clear();
         }
-        match queue.is_empty() {
-            true => {}
-            false => {
-                let q = queue.pop_front().expect("not empty");
-                let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
-                    bail!("invalid request {q:?}");
-                };
-                if !t.has(q.index as usize) {
-                    // We announced no such piece; a confused peer.
-                    continue;
-                }
-                let len = q.length as usize;
-                // The message, with the block read straight into it. Reads
-                // mostly hit the page cache; a disk read parks this worker
-                // only (block_in_place).
-                buf.clear();
-                buf.extend_from_slice(&(9 + q.length).to_be_bytes());
-                buf.push(7);
-                buf.extend_from_slice(&q.index.to_be_bytes());
-                buf.extend_from_slice(&q.begin.to_be_bytes());
-                buf.resize(PIECE_HEADER + len, 0);
-                blocking(|| t.storage.read(off, &mut buf[PIECE_HEADER..]))?;
-                t.up_limit.take(len).await;
-                w.write_all(&buf).await?;
-                t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
-            }
+        let Some(q) = queue.pop_front() else {
+            continue;
+        };
+        let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
+            bail!("invalid request {q:?}");
+        };
+        if !t.has(q.index as usize) {
+            // We announced no such piece; a confused peer.
+            continue;
         }
+        let len = q.length as usize;
+        // The message, with the block read straight into it. Reads mostly
+        // hit the page cache; a disk read parks this worker only.
+        buf.clear();
+        buf.extend_from_slice(&(9 + q.length).to_be_bytes());
+        buf.push(7);
+        buf.extend_from_slice(&q.index.to_be_bytes());
+        buf.extend_from_slice(&q.begin.to_be_bytes());
+        buf.resize(PIECE_HEADER + len, 0);
+        blocking(|| t.storage.read(off, &mut buf[PIECE_HEADER..]))?;
+        t.up_limit.take(len).await;
+        w.write_all(&buf).await?;
+        t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
     }
 }
 
@@ -447,7 +443,7 @@ impl Driver {
         if self.choked || !self.interested {
             return;
         }
-        let window = self.t.window;
+        let window = super::REQUEST_WINDOW;
         while self.outstanding < window {
             if let Some(f) = self
                 .fetches
