@@ -28,6 +28,7 @@ impl Bits {
         }
     }
 
+    #[cfg(test)]
     pub fn full(n: usize) -> Self {
         Self {
             bits: vec![true; n],
@@ -165,10 +166,7 @@ impl Picker {
 
     pub fn peer_gone(&mut self, bits: &Bits, origin: bool) {
         for i in bits.iter_set() {
-            self.avail[i] = self.avail[i].saturating_sub(1);
-            if !origin {
-                self.relay_avail[i] = self.relay_avail[i].saturating_sub(1);
-            }
+            self.peer_lost(i, origin);
         }
     }
 
