@@ -1,15 +1,21 @@
-//! The swarm engine against a peer that lies: it claims every piece and
-//! answers every request with wrong bytes. The receiver must drop it, write
-//! nothing it sent, and finish from the honest seed.
+//! The swarm engine against hand-written BEP 3 peers: one that lies (it
+//! claims every piece and answers every request with wrong bytes; the
+//! receiver must drop it, write nothing it sent, and finish from the honest
+//! seed), and many that ask the server's seed for a piece each at once (it
+//! must serve a few whole pieces at a time, not all of them in parallel).
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
 
 use blockswarm::image::Image;
+use blockswarm::image::map::PayloadMap;
+use blockswarm::storage::DeviceStorage;
+use blockswarm::swarm::{Limits, SwarmConfig, SwarmSession};
 use common::*;
 
 /// A BEP 3 peer that has "everything" and serves 0x5A for every block.
@@ -115,4 +121,129 @@ fn a_lying_peer_is_dropped_and_nothing_it_sent_is_written() {
         "--target",
         tgt.to_str().unwrap(),
     ]);
+}
+
+fn info_hash_of(image: &Image) -> [u8; 20] {
+    let hex = &image.manifest.payload.info_hash;
+    (0..20)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap()
+}
+
+/// Asks `addr` for one whole piece, after `start`; returns the piece and
+/// `total` (bytes received by every such peer) when its last block came.
+fn fetch_piece(
+    addr: SocketAddr,
+    info_hash: [u8; 20],
+    piece: u32,
+    len: u32,
+    start: &Barrier,
+    total: &AtomicU64,
+) -> std::io::Result<(Vec<u8>, u64)> {
+    let mut s = TcpStream::connect(addr)?;
+    let mut hs = vec![19u8];
+    hs.extend_from_slice(b"BitTorrent protocol");
+    hs.extend_from_slice(&[0; 8]);
+    hs.extend_from_slice(&info_hash);
+    hs.extend_from_slice(format!("-FAKE0-{piece:013}").as_bytes());
+    s.write_all(&hs)?;
+    let mut theirs = [0u8; 68];
+    s.read_exact(&mut theirs)?;
+    s.write_all(&[0, 0, 0, 1, 2])?; // interested
+    start.wait();
+    let block = 16u32 << 10;
+    let mut req = Vec::new();
+    for begin in (0..len).step_by(block as usize) {
+        req.extend_from_slice(&13u32.to_be_bytes());
+        req.push(6);
+        req.extend_from_slice(&piece.to_be_bytes());
+        req.extend_from_slice(&begin.to_be_bytes());
+        req.extend_from_slice(&block.min(len - begin).to_be_bytes());
+    }
+    s.write_all(&req)?;
+    let mut buf = vec![0u8; len as usize];
+    let mut got = 0;
+    while got < len as usize {
+        let mut l = [0u8; 4];
+        s.read_exact(&mut l)?;
+        let mut msg = vec![0u8; u32::from_be_bytes(l) as usize];
+        s.read_exact(&mut msg)?;
+        if msg.first() == Some(&7) && msg.len() > 9 {
+            let begin = u32::from_be_bytes(msg[5..9].try_into().unwrap()) as usize;
+            let data = &msg[9..];
+            buf[begin..begin + data.len()].copy_from_slice(data);
+            got += data.len();
+            total.fetch_add(data.len() as u64, Ordering::SeqCst);
+        }
+    }
+    Ok((buf, total.load(Ordering::SeqCst)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_seed_serves_a_few_whole_pieces_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_disk, _size, dir) = captured(tmp.path(), "bare", 48);
+    let image = Image::open(&dir).unwrap();
+    let plen = image.manifest.payload.piece_length;
+    let payload = std::fs::read(dir.join("payload.bin")).unwrap();
+    let peers = 10u32;
+    assert!(payload.len() as u64 > u64::from(peers + 1) * u64::from(plen));
+    let storage = DeviceStorage::reader(
+        Arc::new(std::fs::File::open(dir.join("payload.bin")).unwrap()),
+        PayloadMap::identity(payload.len() as u64),
+    );
+    // Ten pieces take 2.5 s.
+    let limits = Limits {
+        upload: Some(u64::from(plen) * 4),
+        download: None,
+    };
+    let session = SwarmSession::start(Some("127.0.0.1:0".parse().unwrap()), limits, true)
+        .await
+        .unwrap();
+    let cfg = SwarmConfig {
+        disable_trackers: true,
+        ..Default::default()
+    };
+    let torrent = session.add(&image, &storage, &cfg).await.unwrap();
+    torrent.wait_initialized().await.unwrap();
+
+    let addr = session.listen_addr();
+    let info_hash = info_hash_of(&image);
+    let start = Arc::new(Barrier::new(peers as usize));
+    let total = Arc::new(AtomicU64::new(0));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..peers)
+        .map(|i| {
+            let (start, total, results) = (start.clone(), total.clone(), results.clone());
+            std::thread::spawn(move || {
+                let r = fetch_piece(addr, info_hash, i, plen, &start, &total).unwrap();
+                results.lock().unwrap().push((i, r.0, r.1));
+            })
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| t.join().unwrap()))
+        .await
+        .unwrap();
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    assert_eq!(results.len(), peers as usize);
+    for (i, piece, _) in &results {
+        let off = *i as usize * plen as usize;
+        assert!(
+            piece == &payload[off..off + plen as usize],
+            "piece {i} differs from the payload"
+        );
+    }
+    // Served in parallel, every piece would end when nearly all bytes were
+    // sent. A few slots, each a whole piece: the first pieces are done when
+    // about 4 of the 10 are sent.
+    let first = results.iter().map(|r| r.2).min().unwrap();
+    let all = u64::from(peers) * u64::from(plen);
+    assert!(
+        first <= all * 6 / 10,
+        "the first piece was done only after {first} of {all} bytes were sent"
+    );
+    session.remove(&torrent).await.unwrap();
+    session.stop().await;
 }

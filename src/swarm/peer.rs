@@ -36,10 +36,22 @@ const STALL: Duration = Duration::from_secs(30);
 /// Silence after which a connection is considered dead.
 const IDLE: Duration = Duration::from_secs(180);
 const KEEPALIVE: Duration = Duration::from_secs(60);
+/// An upload slot is given up after this long (a slow or stuck peer), and
+/// the piece finished without one.
+const SLOT_HOLD: Duration = Duration::from_secs(5);
+/// A slot whose peer asks for nothing more for this long is given up.
+const SLOT_IDLE: Duration = Duration::from_millis(200);
+/// Unsent bytes a socket holds at most, in pieces, so that what the writer
+/// sends next (the upload-slot order) goes on the wire soon after.
+const NOTSENT_PIECES: u64 = 1;
 /// Pieces failing their hash before a peer is dropped.
 const MAX_BAD_PIECES: u32 = 3;
 
 const HANDSHAKE_LEN: usize = 68;
+/// Our own message, sent only to other blockswarm hosts: "I am fetching
+/// this piece from the origin", so that they leave it to us there. Other
+/// clients skip ids they do not know.
+const CLAIM_ID: u8 = 0xB5;
 /// Length prefix, id, index and begin of a piece message.
 const PIECE_HEADER: usize = 13;
 
@@ -88,6 +100,12 @@ impl Out {
     pub fn have(piece: usize) -> Self {
         Out::Raw(encode(&Message::Have(piece as u32)))
     }
+
+    pub fn claim(piece: usize) -> Self {
+        let mut m = vec![0, 0, 0, 5, CLAIM_ID];
+        m.extend_from_slice(&(piece as u32).to_be_bytes());
+        Out::Raw(m)
+    }
 }
 
 /// Messages the reader passes to the driver.
@@ -95,6 +113,7 @@ enum In {
     Choke,
     Unchoke,
     Have(u32),
+    Claim(u32),
     Bitfield(Vec<u8>),
     Request(Request),
     Cancel(Request),
@@ -116,6 +135,10 @@ pub async fn run(
     outgoing: bool,
 ) {
     let _ = stream.set_nodelay(true);
+    if t.slots.is_some() {
+        let lowat = (t.piece_len * NOTSENT_PIECES).clamp(128 << 10, 16 << 20) as u32;
+        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(lowat);
+    }
     let (r, w) = stream.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let kill = Arc::new(tokio::sync::Notify::new());
@@ -132,6 +155,7 @@ pub async fn run(
         t: t.clone(),
         out: out_tx,
         bits: Bits::new(t.pieces.len()),
+        claims: Bits::new(t.pieces.len()),
         origin,
         choked: true,
         interested: false,
@@ -174,6 +198,9 @@ async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Re
             // KeepAlive, or a message id outside BEP 3 (extensions we never
             // announced support for): skipped.
             None => In::Other,
+            Some(&CLAIM_ID) if n == 5 => {
+                In::Claim(u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]))
+            }
             Some(id) if *id > 8 => In::Other,
             Some(_) => {
                 let parsed = Message::deserialize(&frame, &[])
@@ -204,39 +231,83 @@ async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Re
     }
 }
 
+type Acquire = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+            > + Send,
+    >,
+>;
+
+/// An upload slot held for one piece.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    piece: u32,
+    since: Instant,
+    /// When its last block went out.
+    last: Instant,
+}
+
 async fn writer(
     mut w: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
     t: Arc<Shared>,
 ) -> Result<()> {
     let mut queue: VecDeque<Request> = VecDeque::new();
-    // Requests for pieces claimed from the origin and not here yet.
-    let mut waiting: Vec<Request> = Vec::new();
-    let mut changed = t.changed.subscribe();
     let mut buf = Vec::new();
     let mut control = Vec::new();
+    let mut slot: Option<Slot> = None;
+    // A piece whose slot expired: it is finished without one.
+    let mut unslotted: Option<u32> = None;
+    let mut acquiring: Option<Acquire> = None;
     loop {
-        if !waiting.is_empty() {
-            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting)
-                .into_iter()
-                .partition(|q| t.has(q.index as usize));
-            queue.extend(ready);
-            waiting = rest
-                .into_iter()
-                .filter(|q| t.is_claimed(q.index as usize))
-                .collect();
+        // The slot goes back when the next block is of another piece, or
+        // when a slow peer has held it too long.
+        if let (Some(s), Some(q)) = (&slot, queue.front()) {
+            if s.piece != q.index {
+                slot = None;
+            } else if s.since.elapsed() > SLOT_HOLD {
+                unslotted = Some(s.piece);
+                slot = None;
+            }
         }
-        let first = if queue.is_empty() {
+        let need_slot = t.slots.is_some()
+            && slot.is_none()
+            && queue.front().is_some_and(|q| unslotted != Some(q.index));
+        if !need_slot {
+            // A waiting acquire is granted a permit even while not polled.
+            acquiring = None;
+        } else if acquiring.is_none()
+            && let Some(sem) = &t.slots
+        {
+            acquiring = Some(Box::pin(sem.clone().acquire_owned()));
+        }
+        let first = if queue.is_empty() || need_slot {
+            let idle = slot.as_ref().map(|s| s.last + SLOT_IDLE);
             tokio::select! {
                 o = rx.recv() => match o {
                     Some(o) => Some(o),
                     None => return Ok(()),
                 },
-                r = changed.changed(), if !waiting.is_empty() => {
-                    r?;
+                p = async {
+                    match acquiring.as_mut() {
+                        Some(a) => a.await,
+                        None => std::future::pending().await,
+                    }
+                }, if need_slot => {
+                    acquiring = None;
+                    if let (Ok(p), Some(q)) = (p, queue.front()) {
+                        let now = Instant::now();
+                        slot = Some(Slot { _permit: p, piece: q.index, since: now, last: now });
+                    }
                     continue;
                 }
-                _ = tokio::time::sleep(KEEPALIVE) => {
+                // A peer that stops asking gives its slot back.
+                _ = tokio::time::sleep_until(idle.unwrap_or_else(Instant::now)), if idle.is_some() && queue.is_empty() => {
+                    slot = None;
+                    continue;
+                }
+                _ = tokio::time::sleep(KEEPALIVE), if queue.is_empty() => {
                     w.write_all(&encode(&Message::KeepAlive)).await?;
                     continue;
                 }
@@ -259,12 +330,7 @@ async fn writer(
             match o {
                 Out::Raw(b) => control.extend_from_slice(&b),
                 Out::Upload(q) => {
-                    let i = q.index as usize;
-                    if queue.len() + waiting.len() >= MAX_QUEUED {
-                        // A peer asking for this much is not one of ours.
-                    } else if !t.has(i) && t.is_claimed(i) {
-                        waiting.push(q);
-                    } else {
+                    if queue.len() < MAX_QUEUED {
                         queue.push_back(q);
                     }
                 }
@@ -272,13 +338,15 @@ async fn writer(
                     let same =
                         |x: &Request| (x.index, x.begin, x.length) == (q.index, q.begin, q.length);
                     queue.retain(|x| !same(x));
-                    waiting.retain(|x| !same(x));
                 }
             }
         }
         if !control.is_empty() {
             w.write_all(&control).await?;
             control.clear();
+        }
+        if need_slot {
+            continue;
         }
         let Some(q) = queue.pop_front() else {
             continue;
@@ -303,6 +371,11 @@ async fn writer(
         t.up_limit.take(len).await;
         w.write_all(&buf).await?;
         t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
+        if (q.begin + q.length) as usize >= t.piece_size(q.index as usize) {
+            slot = None;
+        } else if let Some(s) = &mut slot {
+            s.last = Instant::now();
+        }
     }
 }
 
@@ -334,6 +407,8 @@ struct Driver {
     t: Arc<Shared>,
     out: mpsc::UnboundedSender<Out>,
     bits: Bits,
+    /// Pieces the peer is fetching from the origin (not held yet).
+    claims: Bits,
     origin: bool,
     /// The peer chokes us.
     choked: bool,
@@ -387,9 +462,20 @@ impl Driver {
             }
             In::Unchoke => self.choked = false,
             In::Have(i) => {
-                if self.bits.set(i as usize) {
-                    self.t.picker().peer_has(i as usize, self.origin);
+                let i = i as usize;
+                if self.bits.set(i) {
+                    if self.claims.unset(i) {
+                        self.t.picker().claim_held(i);
+                    } else {
+                        self.t.picker().peer_has(i, self.origin);
+                    }
                     self.update_interest();
+                }
+            }
+            In::Claim(i) => {
+                let i = i as usize;
+                if !self.origin && i < self.bits.len() && !self.bits.get(i) && self.claims.set(i) {
+                    self.t.picker().peer_claims(i);
                 }
             }
             In::Bitfield(b) => {
@@ -397,7 +483,11 @@ impl Driver {
                 let mut p = self.t.picker();
                 for i in new.iter_set() {
                     if self.bits.set(i) {
-                        p.peer_has(i, self.origin);
+                        if self.claims.unset(i) {
+                            p.claim_held(i);
+                        } else {
+                            p.peer_has(i, self.origin);
+                        }
                     }
                 }
                 drop(p);
@@ -604,6 +694,10 @@ impl Driver {
 
     fn cleanup(&mut self) {
         self.drop_fetches(false);
-        self.t.picker().peer_gone(&self.bits, self.origin);
+        let mut p = self.t.picker();
+        p.peer_gone(&self.bits, self.origin);
+        for i in self.claims.iter_set() {
+            p.claim_dropped(i);
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! Which piece to ask which peer for. Pure bookkeeping, no I/O.
 //!
 //! - From the origin (the server's seed) a host takes only pieces that no
-//!   other peer it knows holds, walking forward from the start offset the
-//!   server gave it. When its walk runs into pieces someone holds, it jumps
-//!   to the middle of the largest run that nobody holds: each piece leaves
-//!   the origin about once, and the room splits the payload between itself.
+//!   other host holds or has claimed (is fetching from the origin), walking
+//!   forward from the start offset the server gave it. When its walk runs
+//!   into such pieces, it jumps to the middle of the largest run that nobody
+//!   holds: each piece leaves the origin about once, and the room splits the
+//!   payload between itself. Once every piece is out in the room, the idle
+//!   origin serves the rarest ones too.
 //! - From any other peer it takes the rarest piece that peer holds, ties
 //!   broken at random, so fresh pieces spread at once.
 //! - When every missing piece is in flight, an idle peer may fetch one a
@@ -164,6 +166,28 @@ impl Picker {
         }
     }
 
+    /// Another host is fetching `piece` from the origin: not ours to fetch
+    /// there, not yet to be fetched from that host.
+    pub fn peer_claims(&mut self, piece: usize) {
+        if let Some(a) = self.relay_avail.get_mut(piece) {
+            *a += 1;
+        }
+    }
+
+    /// A host now holds the piece it claimed.
+    pub fn claim_held(&mut self, piece: usize) {
+        if let Some(a) = self.avail.get_mut(piece) {
+            *a += 1;
+        }
+    }
+
+    /// A host left (or failed) with a claim it did not fill.
+    pub fn claim_dropped(&mut self, piece: usize) {
+        if let Some(a) = self.relay_avail.get_mut(piece) {
+            *a = a.saturating_sub(1);
+        }
+    }
+
     pub fn peer_gone(&mut self, bits: &Bits, origin: bool) {
         for i in bits.iter_set() {
             self.peer_lost(i, origin);
@@ -186,7 +210,15 @@ impl Picker {
     /// peer has nothing useful that is not already coming.
     pub fn pick(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
         let p = if origin {
-            self.pick_origin(peer)
+            // Once every piece is out in the room, the origin's port is
+            // free: it helps spread the rarest ones.
+            self.pick_origin(peer).or_else(|| {
+                if self.all_out() {
+                    self.pick_rarest(peer)
+                } else {
+                    None
+                }
+            })
         } else {
             self.pick_rarest(peer)
         }
@@ -196,6 +228,11 @@ impl Picker {
         }
         self.inflight[p] += 1;
         Some(p)
+    }
+
+    /// Every piece is here or held (or being fetched) by another host.
+    fn all_out(&self) -> bool {
+        (0..self.have.len()).all(|i| self.have.get(i) || self.relay_avail[i] > 0)
     }
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
@@ -405,6 +442,22 @@ mod tests {
     }
 
     #[test]
+    fn a_claimed_piece_is_left_to_its_claimer_until_the_claim_is_dropped() {
+        let mut p = picker(3, 0.0);
+        let seed = Bits::full(3);
+        p.peer_claims(0);
+        p.peer_claims(1);
+        assert_eq!(p.pick(&seed, true), Some(2));
+        // The claimer got piece 0; the claimer of piece 1 went away.
+        p.claim_held(0);
+        p.claim_dropped(1);
+        assert_eq!(p.pick(&seed, true), Some(1));
+        let mut relay = Bits::new(3);
+        relay.set(0);
+        assert_eq!(p.pick(&relay, false), Some(0));
+    }
+
+    #[test]
     fn origin_pieces_held_by_a_relay_are_not_taken_from_the_origin() {
         let mut p = picker(4, 0.0);
         let seed = Bits::full(4);
@@ -419,6 +472,12 @@ mod tests {
         // 1 and 2 come from the relay; nothing more from the origin, not
         // even as duplicates, while a relay holds them.
         assert_eq!(p.pick(&seed, true), None);
+        // Once every piece is out in the room, the idle origin helps with
+        // the rarest.
+        assert!(p.complete(0, true) && p.complete(3, true));
+        p.peer_has(1, false);
+        assert_eq!(p.pick(&seed, true), Some(2));
+        assert_eq!(p.pick(&seed, true), Some(1));
     }
 
     #[test]
