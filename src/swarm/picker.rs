@@ -116,8 +116,10 @@ pub struct Picker {
     have: Bits,
     /// Peers holding each piece.
     avail: Vec<u32>,
-    /// Peers other than the origin holding each piece.
+    /// Peers other than the origin holding or claiming each piece.
     relay_avail: Vec<u32>,
+    /// Claims in `relay_avail`: pieces hosts are fetching from the origin.
+    relay_claims: Vec<u32>,
     /// Peers each piece is being fetched from.
     inflight: Vec<u8>,
     /// Pieces being fetched from the origin, announced early to other hosts.
@@ -140,6 +142,7 @@ impl Picker {
             have,
             avail: vec![0; n],
             relay_avail: vec![0; n],
+            relay_claims: vec![0; n],
             inflight: vec![0; n],
             claimed: vec![false; n],
             inflight_pieces: 0,
@@ -171,6 +174,7 @@ impl Picker {
     pub fn peer_claims(&mut self, piece: usize) {
         if let Some(a) = self.relay_avail.get_mut(piece) {
             *a += 1;
+            self.relay_claims[piece] += 1;
         }
     }
 
@@ -178,6 +182,7 @@ impl Picker {
     pub fn claim_held(&mut self, piece: usize) {
         if let Some(a) = self.avail.get_mut(piece) {
             *a += 1;
+            self.relay_claims[piece] = self.relay_claims[piece].saturating_sub(1);
         }
     }
 
@@ -185,6 +190,7 @@ impl Picker {
     pub fn claim_dropped(&mut self, piece: usize) {
         if let Some(a) = self.relay_avail.get_mut(piece) {
             *a = a.saturating_sub(1);
+            self.relay_claims[piece] = self.relay_claims[piece].saturating_sub(1);
         }
     }
 
@@ -230,9 +236,10 @@ impl Picker {
         Some(p)
     }
 
-    /// Every piece is here or held (or being fetched) by another host.
+    /// Every piece is here or held by another host (not merely claimed:
+    /// the origin still has those to send).
     fn all_out(&self) -> bool {
-        (0..self.have.len()).all(|i| self.have.get(i) || self.relay_avail[i] > 0)
+        (0..self.have.len()).all(|i| self.have.get(i) || self.relay_avail[i] > self.relay_claims[i])
     }
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
@@ -448,6 +455,12 @@ mod tests {
         p.peer_claims(0);
         p.peer_claims(1);
         assert_eq!(p.pick(&seed, true), Some(2));
+        assert!(p.complete(2, true));
+        assert_eq!(
+            p.pick(&seed, true),
+            None,
+            "claimed pieces are still the origin's to send"
+        );
         // The claimer got piece 0; the claimer of piece 1 went away.
         p.claim_held(0);
         p.claim_dropped(1);
