@@ -40,7 +40,7 @@ pub(crate) const REQUEST_WINDOW: usize = 16;
 /// always allowed, whatever its size.
 const FETCH_MEMORY: usize = 64 << 20;
 /// Peer id prefix of the agents (the origin's is the tracker's).
-const HOST_PREFIX: &[u8] = b"-BS0100-";
+pub(crate) const HOST_PREFIX: &[u8] = b"-BS0100-";
 /// Connections one torrent keeps at most (the server's seed has one per host).
 const MAX_PEERS: usize = 1024;
 /// Pieces the server's seed uploads at once, each to one host, the others

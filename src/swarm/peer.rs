@@ -156,6 +156,8 @@ pub async fn run(
         out: out_tx,
         bits: Bits::new(t.pieces.len()),
         claims: Bits::new(t.pieces.len()),
+        claim_times: VecDeque::new(),
+        host: their_id.starts_with(super::HOST_PREFIX),
         origin,
         choked: true,
         interested: false,
@@ -407,8 +409,12 @@ struct Driver {
     t: Arc<Shared>,
     out: mpsc::UnboundedSender<Out>,
     bits: Bits,
-    /// Pieces the peer is fetching from the origin (not held yet).
+    /// Pieces the peer is fetching from the origin (not held yet), and
+    /// when it said so: a claim not filled within [`STALL`] is forgotten.
     claims: Bits,
+    claim_times: VecDeque<(Instant, usize)>,
+    /// Another blockswarm host: the only kind whose claims count.
+    host: bool,
     origin: bool,
     /// The peer chokes us.
     choked: bool,
@@ -444,6 +450,7 @@ impl Driver {
                         bail!("no data for {} s with requests pending", STALL.as_secs());
                     }
                     self.drop_stuck();
+                    self.expire_claims();
                 }
             }
         }
@@ -474,7 +481,8 @@ impl Driver {
             }
             In::Claim(i) => {
                 let i = i as usize;
-                if !self.origin && i < self.bits.len() && !self.bits.get(i) && self.claims.set(i) {
+                if self.host && i < self.bits.len() && !self.bits.get(i) && self.claims.set(i) {
+                    self.claim_times.push_back((Instant::now(), i));
                     self.t.picker().peer_claims(i);
                 }
             }
@@ -681,6 +689,20 @@ impl Driver {
                 if self.bits.unset(i) {
                     self.t.picker().peer_lost(i, self.origin);
                 }
+            }
+        }
+    }
+
+    /// A claim the peer did not fill in time: the origin's again.
+    fn expire_claims(&mut self) {
+        while let Some(&(at, i)) = self.claim_times.front() {
+            if at.elapsed() <= STALL {
+                break;
+            }
+            self.claim_times.pop_front();
+            if self.claims.unset(i) {
+                self.t.picker().claim_dropped(i);
+                self.t.bump();
             }
         }
     }
