@@ -122,7 +122,7 @@ pub struct Picker {
     relay_claims: Vec<u32>,
     /// Peers each piece is being fetched from.
     inflight: Vec<u8>,
-    /// Pieces being fetched from the origin, announced early to other hosts.
+    /// Pieces being fetched from the origin, announced to other hosts as claims.
     claimed: Vec<bool>,
     inflight_pieces: usize,
     /// Next piece of the walk over the origin's pieces.
