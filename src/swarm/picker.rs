@@ -336,7 +336,7 @@ impl Picker {
         }
     }
 
-    pub fn is_claimed(&self, piece: usize) -> bool {
+    fn is_claimed(&self, piece: usize) -> bool {
         self.claimed.get(piece).copied().unwrap_or(false)
     }
 
