@@ -22,6 +22,10 @@ impl Limiter {
         }
     }
 
+    pub fn is_capped(&self) -> bool {
+        self.bytes_per_sec.is_some()
+    }
+
     /// Waits until `n` more bytes fit under the cap.
     pub async fn take(&self, n: usize) {
         let Some(rate) = self.bytes_per_sec else {

@@ -44,6 +44,8 @@ const SLOT_IDLE: Duration = Duration::from_millis(200);
 /// Unsent bytes a socket holds at most, in pieces, so that what the writer
 /// sends next (the upload-slot order) goes on the wire soon after.
 const NOTSENT_PIECES: u64 = 1;
+/// Queued blocks sent in one write at most (bytes; one block at least).
+const WRITE_BATCH: usize = 64 << 10;
 /// Pieces failing their hash before a peer is dropped.
 const MAX_BAD_PIECES: u32 = 3;
 
@@ -258,6 +260,7 @@ async fn writer(
     let mut queue: VecDeque<Request> = VecDeque::new();
     let mut buf = Vec::new();
     let mut control = Vec::new();
+    let mut blocks: Vec<(Request, u64, usize)> = Vec::new();
     let mut slot: Option<Slot> = None;
     // A piece whose slot expired: it is finished without one.
     let mut unslotted: Option<u32> = None;
@@ -343,36 +346,58 @@ async fn writer(
                 }
             }
         }
-        if !control.is_empty() {
+        // Queued blocks go out together, up to WRITE_BATCH bytes; from the
+        // origin, only blocks of one piece (its slot's).
+        blocks.clear();
+        let mut len = 0;
+        while !need_slot && len < WRITE_BATCH {
+            let Some(q) = queue.front().copied() else {
+                break;
+            };
+            if t.slots.is_some() && blocks.first().is_some_and(|b| b.0.index != q.index) {
+                break;
+            }
+            queue.pop_front();
+            let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
+                bail!("invalid request {q:?}");
+            };
+            // Not announced by us: a confused peer.
+            if t.has(q.index as usize) {
+                blocks.push((q, off, 0));
+                len += q.length as usize;
+            }
+        }
+        // Under an upload cap the blocks may wait; control does not.
+        if (blocks.is_empty() || t.up_limit.is_capped()) && !control.is_empty() {
             w.write_all(&control).await?;
             control.clear();
         }
-        if need_slot {
+        if blocks.is_empty() {
             continue;
         }
-        let Some(q) = queue.pop_front() else {
-            continue;
-        };
-        let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
-            bail!("invalid request {q:?}");
-        };
-        if !t.has(q.index as usize) {
-            // We announced no such piece; a confused peer.
-            continue;
-        }
-        let len = q.length as usize;
-        // The message, with the block read straight into it. Reads mostly
-        // hit the page cache; a disk read parks this worker only.
+        // Control messages ride in the same write as the blocks (no packet
+        // of their own), which are read straight into their messages. Reads
+        // mostly hit the page cache; a disk read parks this worker only.
         buf.clear();
-        buf.extend_from_slice(&(9 + q.length).to_be_bytes());
-        buf.push(7);
-        buf.extend_from_slice(&q.index.to_be_bytes());
-        buf.extend_from_slice(&q.begin.to_be_bytes());
-        buf.resize(PIECE_HEADER + len, 0);
-        blocking(|| t.storage.read(off, &mut buf[PIECE_HEADER..]))?;
+        buf.append(&mut control);
+        for (q, _, at) in blocks.iter_mut() {
+            buf.extend_from_slice(&(9 + q.length).to_be_bytes());
+            buf.push(7);
+            buf.extend_from_slice(&q.index.to_be_bytes());
+            buf.extend_from_slice(&q.begin.to_be_bytes());
+            *at = buf.len();
+            buf.resize(*at + q.length as usize, 0);
+        }
+        blocking(|| -> Result<()> {
+            for &(q, off, at) in &blocks {
+                t.storage.read(off, &mut buf[at..at + q.length as usize])?;
+            }
+            Ok(())
+        })?;
         t.up_limit.take(len).await;
         w.write_all(&buf).await?;
         t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
+        let (q, _, _) = blocks[blocks.len() - 1];
         if (q.begin + q.length) as usize >= t.piece_size(q.index as usize) {
             slot = None;
         } else if let Some(s) = &mut slot {
