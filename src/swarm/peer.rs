@@ -584,7 +584,11 @@ impl Driver {
             if self.fetches.len() >= max_fetches || !self.t.reserve_memory() {
                 break;
             }
-            let picked = self.t.picker().pick(&self.bits, self.origin);
+            let fetching: Vec<usize> = self.fetches.iter().map(|f| f.index).collect();
+            let picked = self
+                .t
+                .picker()
+                .pick_except(&self.bits, self.origin, &fetching);
             let Some(index) = picked else {
                 self.t.release_memory();
                 break;

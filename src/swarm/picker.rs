@@ -214,7 +214,14 @@ impl Picker {
 
     /// The next piece to fetch from `peer`, marked in flight; `None` if the
     /// peer has nothing useful that is not already coming.
+    #[cfg(test)]
     pub fn pick(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
+        self.pick_except(peer, origin, &[])
+    }
+
+    /// [`pick`](Self::pick), never one of `fetching`: the pieces already
+    /// being fetched from this peer.
+    pub fn pick_except(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
         let p = if origin {
             // Once every piece is out in the room, the origin's port is
             // free: it helps spread the rarest ones.
@@ -228,7 +235,7 @@ impl Picker {
         } else {
             self.pick_rarest(peer)
         }
-        .or_else(|| self.pick_duplicate(peer, origin))?;
+        .or_else(|| self.pick_duplicate(peer, origin, fetching))?;
         if self.inflight[p] == 0 {
             self.inflight_pieces += 1;
         }
@@ -257,9 +264,10 @@ impl Picker {
     }
 
     /// Start of a new walk: about the middle of the largest circular run of
-    /// free pieces (its first piece if the run is short or is the whole
-    /// ring). The point is jittered so that two hosts choosing at once do not
-    /// walk in step.
+    /// free pieces (the whole ring: where the walk is). The point is
+    /// jittered so that two hosts choosing at once do not walk in step. When
+    /// only short runs are left, any free piece at random: hosts choosing at
+    /// once would otherwise all take the same one.
     fn largest_gap(&mut self, peer: &Bits) -> Option<usize> {
         let n = self.have.len();
         // Begin the scan just after a piece that is not free, so no run wraps.
@@ -268,9 +276,15 @@ impl Picker {
         };
         let (mut best, mut best_len) = (None, 0usize);
         let (mut run_start, mut run_len) = (0, 0usize);
+        // A free piece chosen uniformly (reservoir sampling).
+        let (mut any, mut free_seen) = (None, 0u64);
         for k in 1..=n {
             let i = (anchor + k) % n;
             if self.free(i, peer, true) {
+                free_seen += 1;
+                if self.next_rand().is_multiple_of(free_seen) {
+                    any = Some(i);
+                }
                 if run_len == 0 {
                     run_start = i;
                 }
@@ -284,13 +298,11 @@ impl Picker {
             }
         }
         let start = best?;
-        let skip = if best_len >= 4 {
-            let jitter = (self.next_rand() % (best_len as u64 / 3 + 1)) as usize;
-            best_len / 3 + jitter
-        } else {
-            0
-        };
-        Some((start + skip) % n)
+        if best_len < 4 {
+            return any;
+        }
+        let jitter = (self.next_rand() % (best_len as u64 / 3 + 1)) as usize;
+        Some((start + best_len / 3 + jitter) % n)
     }
 
     fn pick_rarest(&mut self, peer: &Bits) -> Option<usize> {
@@ -309,8 +321,9 @@ impl Picker {
         best.map(|(_, i)| i)
     }
 
-    /// End game: every missing piece is already in flight.
-    fn pick_duplicate(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
+    /// End game: every missing piece is already in flight; a second copy
+    /// comes from another peer.
+    fn pick_duplicate(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
         let missing = self.have.len() - self.have.count();
         if missing == 0 || self.inflight_pieces < missing {
             return None;
@@ -321,6 +334,7 @@ impl Picker {
                     && peer.get(i)
                     && (1..MAX_DUPLICATES).contains(&self.inflight[i])
                     && (!origin || self.relay_avail[i] == 0)
+                    && !fetching.contains(&i)
             })
             .min_by_key(|&i| self.avail[i])
     }
@@ -449,6 +463,22 @@ mod tests {
     }
 
     #[test]
+    fn when_only_single_pieces_are_free_hosts_take_different_ones() {
+        let seed = Bits::full(100);
+        let mut firsts = std::collections::HashSet::new();
+        for host in 1..=16u64 {
+            let mut p = Picker::new(Bits::new(100), 0.0, host);
+            for i in (0..100).filter(|i| ![10, 50, 90].contains(i)) {
+                p.peer_has(i, false);
+            }
+            let got = p.pick(&seed, true).unwrap();
+            assert!([10, 50, 90].contains(&got), "{got}");
+            firsts.insert(got);
+        }
+        assert!(firsts.len() > 1, "all 16 hosts chose piece {firsts:?}");
+    }
+
+    #[test]
     fn a_claimed_piece_is_left_to_its_claimer_until_the_claim_is_dropped() {
         let mut p = picker(3, 0.0);
         let seed = Bits::full(3);
@@ -541,6 +571,20 @@ mod tests {
         assert!(p.complete(e, false));
         assert!(p.is_complete());
         assert_eq!(p.pick(&full, false), None);
+    }
+
+    #[test]
+    fn end_game_never_doubles_a_piece_on_the_connection_fetching_it() {
+        let mut p = picker(1, 0.0);
+        let seed = Bits::full(1);
+        assert_eq!(p.pick_except(&seed, true, &[]), Some(0));
+        // The origin's connection already fetches it: no second copy there.
+        assert_eq!(p.pick_except(&seed, true, &[0]), None);
+        // A relay that holds it may send a second copy.
+        let mut relay = Bits::new(1);
+        relay.set(0);
+        p.peer_has(0, false);
+        assert_eq!(p.pick_except(&relay, false, &[]), Some(0));
     }
 
     #[test]
