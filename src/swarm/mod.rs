@@ -41,6 +41,9 @@ pub(crate) const REQUEST_WINDOW: usize = 16;
 const FETCH_MEMORY: usize = 64 << 20;
 /// Peer id prefix of the agents (the origin's is the tracker's).
 pub(crate) const HOST_PREFIX: &[u8] = b"-BS0100-";
+/// A connection older than this is never replaced by a new one to the
+/// same peer; younger ones are simultaneous dials, settled by peer id.
+const SETTLED: Duration = Duration::from_secs(2);
 /// Connections one torrent keeps at most (the server's seed has one per host).
 const MAX_PEERS: usize = 1024;
 /// Pieces the server's seed uploads at once, each to one host, the others
@@ -405,6 +408,13 @@ async fn connect_loop(t: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SocketAddr
     }
 }
 
+/// Whether a connection to a peer stays when another one to the same peer
+/// comes: always once settled; of two young ones, the one dialled by the
+/// smaller peer id (both sides decide alike).
+fn keeps_old(old_dialer: &PeerId, old_age: Duration, new_dialer: &PeerId) -> bool {
+    old_age > SETTLED || old_dialer <= new_dialer
+}
+
 /// Returns once the flag is set (or its sender is gone).
 async fn until_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -441,6 +451,7 @@ struct PeerEntry {
     host: bool,
     /// Peer id of the side that dialled.
     dialer: PeerId,
+    since: std::time::Instant,
     out: mpsc::UnboundedSender<Out>,
     /// Ends the connection (a better one to the same peer replaced it).
     kill: Arc<tokio::sync::Notify>,
@@ -551,7 +562,8 @@ impl Shared {
 
     /// Adds a connection; `None` if this peer is already connected by a
     /// connection that stays. When both sides dial each other at once, both
-    /// keep the one dialled by the smaller peer id.
+    /// keep the one dialled by the smaller peer id; a settled connection
+    /// always stays.
     fn register(
         &self,
         id: PeerId,
@@ -562,7 +574,11 @@ impl Shared {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let dialer = if outgoing { self.peer_id } else { id };
         if let Some(old) = peers.get(&id) {
-            if old.dialer <= dialer {
+            // A connection that has been up a while stays: the new one is a
+            // second dial to a peer that dialled us first (the tracker names
+            // its listening port, which we had not seen). Both sides see it
+            // so and drop the new one, and nothing in flight is lost.
+            if keeps_old(&old.dialer, old.since.elapsed(), &dialer) {
                 return None;
             }
             old.kill.notify_one();
@@ -577,6 +593,7 @@ impl Shared {
                 conn,
                 host,
                 dialer,
+                since: std::time::Instant::now(),
                 out,
                 kill,
             },
@@ -768,5 +785,24 @@ impl Swarm {
     pub async fn stop(self) {
         self.torrent.stop().await;
         self.session.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settled_connection_is_never_replaced() {
+        let (small, big) = ([1u8; 20], [2u8; 20]);
+        let young = Duration::from_millis(100);
+        // Simultaneous dials: the smaller dialer's connection wins, seen
+        // from either side.
+        assert!(keeps_old(&small, young, &big));
+        assert!(!keeps_old(&big, young, &small));
+        // A second dial to a peer that dialled us long ago: the first stays,
+        // whoever dialled it.
+        assert!(keeps_old(&big, SETTLED * 2, &small));
+        assert!(keeps_old(&small, SETTLED * 2, &big));
     }
 }
