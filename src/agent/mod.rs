@@ -2,7 +2,7 @@
 //! write the boot area last, seed, then reboot (or as the job says).
 //!
 //! States, reported to the server about once a second:
-//! WaitingForJob → SelectingDisk → Checking → Downloading → [Verifying] →
+//! WaitingForJob → SelectingDisk → Checking → Downloading → (Verifying) →
 //! Finishing → Seeding → Done; any error → Failed (reported, then returned).
 
 use std::net::SocketAddr;

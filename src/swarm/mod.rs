@@ -451,6 +451,7 @@ struct PeerEntry {
     host: bool,
     /// Peer id of the side that dialled.
     dialer: PeerId,
+    /// When it was added.
     since: std::time::Instant,
     out: mpsc::UnboundedSender<Out>,
     /// Ends the connection (a better one to the same peer replaced it).

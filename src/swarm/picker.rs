@@ -212,15 +212,14 @@ impl Picker {
             && (!origin || self.relay_avail[i] == 0)
     }
 
-    /// The next piece to fetch from `peer`, marked in flight; `None` if the
-    /// peer has nothing useful that is not already coming.
     #[cfg(test)]
     pub fn pick(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
         self.pick_except(peer, origin, &[])
     }
 
-    /// [`pick`](Self::pick), never one of `fetching`: the pieces already
-    /// being fetched from this peer.
+    /// The next piece to fetch from `peer`, marked in flight; `None` if the
+    /// peer has nothing useful that is not already coming. Never one of
+    /// `fetching`, the pieces already being fetched from this peer.
     pub fn pick_except(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
         let p = if origin {
             // Once every piece is out in the room, the origin's port is
