@@ -86,3 +86,39 @@ fn lab_four_hosts_ideal() {
         .expect("a udpcast run");
     assert_eq!(uc["targets_ok"], 4, "{uc}");
 }
+
+/// A host that joins when the others are half done: it saw none of their
+/// earlier claims on the origin's pieces, and must still get every piece.
+#[test]
+fn lab_four_hosts_late_joiner() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab needs root (network namespaces, tc); CI runs as root"
+    );
+    let t = tempfile::tempdir().unwrap();
+    let runs = lab(
+        t.path(),
+        &[
+            "--hosts",
+            "4",
+            "--rate",
+            "20mbit",
+            "--payload-mib",
+            "24",
+            "--scenario",
+            "late",
+            "--tools",
+            "blockswarm",
+            "--timeout",
+            "120",
+        ],
+    );
+    let bs = &runs[0];
+    let show = serde_json::to_string_pretty(bs).unwrap();
+    assert_eq!(bs["late_host"], 4, "{show}");
+    assert!(bs["late_joined_at_s"].as_f64().is_some(), "{show}");
+    assert_eq!(bs["completed"], true, "not every host finished: {show}");
+    assert_eq!(bs["deployment_done"], true, "{show}");
+    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
+    assert_eq!(bs["correct"], true, "{show}");
+}

@@ -50,6 +50,9 @@ const MAX_PEERS: usize = 1024;
 /// waiting in line: a host gets a piece at the full port rate rather than at
 /// 1/N of it, and passes it on that much sooner.
 const ORIGIN_SLOTS: usize = 4;
+/// A host that connects this long after the torrent started is a late
+/// joiner: its claims on the origin's pieces are not weighed against ours.
+const LATE_JOIN: Duration = Duration::from_secs(5);
 
 /// How a torrent finds peers and orders its pieces.
 #[derive(Debug, Clone, Default)]
@@ -216,6 +219,7 @@ impl SwarmSession {
                 .collect(),
             storage: storage.clone(),
             picker: Mutex::new(Picker::new(Bits::new(n), cfg.start_fraction, seed)),
+            started: std::time::Instant::now(),
             peers: Mutex::default(),
             conn_serial: AtomicU64::new(0),
             changed: watch::channel(0).0,
@@ -449,6 +453,9 @@ struct PeerEntry {
     conn: u64,
     /// Another blockswarm host (not the origin): told of our claims.
     host: bool,
+    /// A host that came within [`LATE_JOIN`] of this torrent's start: it
+    /// counts in this host's share of the origin's pieces.
+    counted: bool,
     /// Peer id of the side that dialled.
     dialer: PeerId,
     /// When it was added.
@@ -467,6 +474,8 @@ pub(crate) struct Shared {
     pieces: Vec<[u8; 20]>,
     storage: DeviceStorage,
     picker: Mutex<Picker>,
+    /// When this torrent's session began.
+    started: std::time::Instant,
     peers: Mutex<HashMap<PeerId, PeerEntry>>,
     conn_serial: AtomicU64,
     /// Bumped when pieces arrive or go back to the picker.
@@ -571,7 +580,7 @@ impl Shared {
         outgoing: bool,
         out: mpsc::UnboundedSender<Out>,
         kill: Arc<tokio::sync::Notify>,
-    ) -> Option<u64> {
+    ) -> Option<(u64, bool)> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let dialer = if outgoing { self.peer_id } else { id };
         if let Some(old) = peers.get(&id) {
@@ -588,18 +597,23 @@ impl Shared {
         }
         let conn = self.conn_serial.fetch_add(1, Ordering::Relaxed);
         let host = id.starts_with(HOST_PREFIX);
+        let counted = host && self.started.elapsed() < LATE_JOIN;
         peers.insert(
             id,
             PeerEntry {
                 conn,
                 host,
+                counted,
                 dialer,
                 since: std::time::Instant::now(),
                 out,
                 kill,
             },
         );
-        Some(conn)
+        let hosts = peers.values().filter(|p| p.counted).count();
+        drop(peers);
+        self.picker().set_hosts(hosts);
+        Some((conn, counted))
     }
 
     fn is_connected(&self, id: &PeerId) -> bool {
@@ -614,7 +628,9 @@ impl Shared {
         if peers.get(&id).is_some_and(|p| p.conn == conn) {
             peers.remove(&id);
         }
+        let hosts = peers.values().filter(|p| p.counted).count();
         drop(peers);
+        self.picker().set_hosts(hosts);
         self.bump();
     }
 

@@ -144,7 +144,8 @@ pub async fn run(
     let (r, w) = stream.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let kill = Arc::new(tokio::sync::Notify::new());
-    let Some(conn_id) = t.register(their_id, outgoing, out_tx.clone(), kill.clone()) else {
+    let Some((conn_id, counted)) = t.register(their_id, outgoing, out_tx.clone(), kill.clone())
+    else {
         debug!(%addr, "already connected to this peer");
         return;
     };
@@ -160,6 +161,7 @@ pub async fn run(
         claims: Bits::new(t.pieces.len()),
         claim_times: VecDeque::new(),
         host: their_id.starts_with(super::HOST_PREFIX),
+        counted,
         origin,
         choked: true,
         interested: false,
@@ -440,6 +442,8 @@ struct Driver {
     claim_times: VecDeque<(Instant, usize)>,
     /// Another blockswarm host: the only kind whose claims count.
     host: bool,
+    /// Its claims count in this host's share of the origin's pieces.
+    counted: bool,
     origin: bool,
     /// The peer chokes us.
     choked: bool,
@@ -508,7 +512,7 @@ impl Driver {
                 let i = i as usize;
                 if self.host && i < self.bits.len() && !self.bits.get(i) && self.claims.set(i) {
                     self.claim_times.push_back((Instant::now(), i));
-                    self.t.picker().peer_claims(i);
+                    self.t.picker().peer_claims(i, self.counted);
                 }
             }
             In::Bitfield(b) => {

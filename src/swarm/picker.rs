@@ -7,13 +7,26 @@
 //!   holds: each piece leaves the origin about once, and the room splits the
 //!   payload between itself. Once every piece is out in the room, the idle
 //!   origin serves the rarest ones too.
+//! - A host that has taken more than its share of the origin's pieces (the
+//!   mean of the hosts it knows, plus a slack) leaves the next ones to the
+//!   others: each such piece costs its holder N − 1 uploads.
 //! - From any other peer it takes the rarest piece that peer holds, ties
 //!   broken at random, so fresh pieces spread at once.
 //! - When every missing piece is in flight, an idle peer may fetch one a
 //!   second time (end game); the first copy to arrive wins.
 
+use std::time::{Duration, Instant};
+
 /// At most this many peers fetch the same piece at once (end game).
 const MAX_DUPLICATES: u8 = 2;
+/// A host takes new pieces from the origin only while it has taken at most
+/// this many more than the room's mean: each one it takes it must pass on to
+/// every other host, and the busiest uplink sets the room's time.
+const ORIGIN_SHARE_SLACK: f64 = 2.0;
+/// A host ahead of the room holds back only while other hosts are claiming
+/// (their last claim came at most this long ago): the origin is never left
+/// with pieces that every host leaves to the others.
+const CLAIMING: Duration = Duration::from_millis(300);
 
 /// One peer's pieces.
 #[derive(Debug, Clone, Default)]
@@ -129,6 +142,14 @@ pub struct Picker {
     cursor: usize,
     /// The walk ran into another host's walk: start a new one.
     rewalk: bool,
+    /// Pieces this host claimed from the origin, and that the counted hosts
+    /// (see [`Picker::set_hosts`]) claimed while connected to it.
+    own_claims: u64,
+    room_claims: u64,
+    /// When another host last claimed a piece.
+    last_room_claim: Option<Instant>,
+    /// Counted hosts connected.
+    hosts: usize,
     rng: u64,
 }
 
@@ -148,6 +169,10 @@ impl Picker {
             inflight_pieces: 0,
             cursor,
             rewalk: false,
+            own_claims: 0,
+            room_claims: 0,
+            last_room_claim: None,
+            hosts: 0,
             rng: seed | 1,
         }
     }
@@ -171,11 +196,34 @@ impl Picker {
 
     /// Another host is fetching `piece` from the origin: not ours to fetch
     /// there, not yet to be fetched from that host.
-    pub fn peer_claims(&mut self, piece: usize) {
+    /// `counted`: the host counts in this host's share of the origin's
+    /// pieces (see [`Picker::set_hosts`]).
+    pub fn peer_claims(&mut self, piece: usize, counted: bool) {
         if let Some(a) = self.relay_avail.get_mut(piece) {
+            self.room_claims += u64::from(counted);
+            self.last_room_claim = Some(Instant::now());
             *a += 1;
             self.relay_claims[piece] += 1;
         }
+    }
+
+    /// How many other blockswarm hosts connected are counted in this host's
+    /// share of the origin's pieces: those that came at about the same time
+    /// as this one. A host that joins later has claimed nothing before it
+    /// came, and would make every earlier one look ahead of the room.
+    pub fn set_hosts(&mut self, hosts: usize) {
+        self.hosts = hosts;
+    }
+
+    /// This host has taken its share of the origin's pieces and more, and
+    /// other hosts are taking theirs: it leaves the next ones to them.
+    fn over_origin_share(&self, now: Instant) -> bool {
+        let room = (self.hosts + 1) as f64;
+        let mean = (self.own_claims + self.room_claims) as f64 / room;
+        self.own_claims as f64 > mean + ORIGIN_SHARE_SLACK
+            && self
+                .last_room_claim
+                .is_some_and(|t| now.saturating_duration_since(t) < CLAIMING)
     }
 
     /// A host now holds the piece it claimed.
@@ -250,7 +298,7 @@ impl Picker {
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
         let n = self.have.len();
-        if n == 0 {
+        if n == 0 || self.over_origin_share(Instant::now()) {
             return None;
         }
         if self.rewalk || !self.free(self.cursor, peer, true) {
@@ -343,6 +391,7 @@ impl Picker {
         match self.claimed.get_mut(piece) {
             Some(c) if !*c && !self.have.get(piece) => {
                 *c = true;
+                self.own_claims += 1;
                 true
             }
             _ => false,
@@ -481,8 +530,8 @@ mod tests {
     fn a_claimed_piece_is_left_to_its_claimer_until_the_claim_is_dropped() {
         let mut p = picker(3, 0.0);
         let seed = Bits::full(3);
-        p.peer_claims(0);
-        p.peer_claims(1);
+        p.peer_claims(0, true);
+        p.peer_claims(1, true);
         assert_eq!(p.pick(&seed, true), Some(2));
         assert!(p.complete(2, true));
         assert_eq!(
@@ -597,5 +646,59 @@ mod tests {
         p.release(0);
         p.release(0);
         assert_eq!(p.pick(&seed, true), Some(0));
+    }
+
+    #[test]
+    fn a_host_ahead_of_the_room_leaves_origin_pieces_to_the_others() {
+        let mut p = picker(100, 0.0);
+        let seed = Bits::full(100);
+        p.set_hosts(3);
+        // Nobody else claims: it takes what the origin has.
+        for _ in 0..4 {
+            let i = p.pick(&seed, true).unwrap();
+            assert!(p.claim(i));
+        }
+        // Another host claims: 4 against the room's mean of 5 / 4, more
+        // than 2 ahead.
+        p.peer_claims(90, true);
+        assert_eq!(p.pick(&seed, true), None);
+        // The others catch up: mean (4 + 5) / 4 = 2.25, back within 2.
+        for i in 91..95 {
+            p.peer_claims(i, true);
+        }
+        assert!(p.pick(&seed, true).is_some());
+    }
+
+    #[test]
+    fn a_host_ahead_holds_back_only_while_others_claim() {
+        let seed = Bits::full(100);
+        let mut p = picker(100, 0.0);
+        p.set_hosts(1);
+        for _ in 0..10 {
+            let i = p.pick(&seed, true).unwrap();
+            assert!(p.claim(i));
+        }
+        p.peer_claims(99, true);
+        let now = Instant::now();
+        assert!(p.over_origin_share(now));
+        // Nobody has claimed for a while (every host holding back, or a
+        // claim that came late): it goes on.
+        assert!(!p.over_origin_share(now + CLAIMING));
+    }
+
+    #[test]
+    fn claims_of_hosts_that_came_later_do_not_count() {
+        // A host that joined late claims; this one, counting only the hosts
+        // that came with it (none here), is not ahead of anybody.
+        let seed = Bits::full(100);
+        let mut p = picker(100, 0.0);
+        p.set_hosts(0);
+        for _ in 0..10 {
+            let i = p.pick(&seed, true).unwrap();
+            assert!(p.claim(i));
+        }
+        p.peer_claims(99, false);
+        assert!(!p.over_origin_share(Instant::now()));
+        assert!(p.pick(&seed, true).is_some());
     }
 }
