@@ -34,14 +34,15 @@ fn lab(dir: &Path, args: &[&str]) -> Vec<serde_json::Value> {
     v["runs"].as_array().unwrap().clone()
 }
 
-#[test]
-fn lab_four_hosts_ideal() {
+/// Runs the lab's small version (4 hosts, 20 Mbit/s, 24 MiB) of one
+/// scenario with `tools`.
+fn small_lab(scenario: &str, tools: &str) -> Vec<serde_json::Value> {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the lab needs root (network namespaces, tc); CI runs as root"
     );
     let t = tempfile::tempdir().unwrap();
-    let runs = lab(
+    lab(
         t.path(),
         &[
             "--hosts",
@@ -51,11 +52,18 @@ fn lab_four_hosts_ideal() {
             "--payload-mib",
             "24",
             "--scenario",
-            "ideal",
+            scenario,
             "--tools",
-            "blockswarm,udpcast",
+            tools,
+            "--timeout",
+            "150",
         ],
-    );
+    )
+}
+
+#[test]
+fn lab_four_hosts_ideal() {
+    let runs = small_lab("ideal", "blockswarm,udpcast");
     let bs = runs
         .iter()
         .find(|r| r["tool"] == "blockswarm")
@@ -91,28 +99,7 @@ fn lab_four_hosts_ideal() {
 /// earlier claims on the origin's pieces, and must still get every piece.
 #[test]
 fn lab_four_hosts_late_joiner() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the lab needs root (network namespaces, tc); CI runs as root"
-    );
-    let t = tempfile::tempdir().unwrap();
-    let runs = lab(
-        t.path(),
-        &[
-            "--hosts",
-            "4",
-            "--rate",
-            "20mbit",
-            "--payload-mib",
-            "24",
-            "--scenario",
-            "late",
-            "--tools",
-            "blockswarm",
-            "--timeout",
-            "120",
-        ],
-    );
+    let runs = small_lab("late", "blockswarm");
     let bs = &runs[0];
     let show = serde_json::to_string_pretty(bs).unwrap();
     assert_eq!(bs["late_host"], 4, "{show}");

@@ -648,16 +648,22 @@ mod tests {
         assert_eq!(p.pick(&seed, true), Some(0));
     }
 
-    #[test]
-    fn a_host_ahead_of_the_room_leaves_origin_pieces_to_the_others() {
+    /// A picker of 100 pieces that has claimed `n` from the origin, with
+    /// `hosts` counted hosts around it.
+    fn claimed(n: usize, hosts: usize) -> Picker {
         let mut p = picker(100, 0.0);
-        let seed = Bits::full(100);
-        p.set_hosts(3);
-        // Nobody else claims: it takes what the origin has.
-        for _ in 0..4 {
-            let i = p.pick(&seed, true).unwrap();
+        p.set_hosts(hosts);
+        for _ in 0..n {
+            let i = p.pick(&Bits::full(100), true).expect("nobody else claims");
             assert!(p.claim(i));
         }
+        p
+    }
+
+    #[test]
+    fn a_host_ahead_of_the_room_leaves_origin_pieces_to_the_others() {
+        let seed = Bits::full(100);
+        let mut p = claimed(4, 3);
         // Another host claims: 4 against the room's mean of 5 / 4, more
         // than 2 ahead.
         p.peer_claims(90, true);
@@ -671,13 +677,7 @@ mod tests {
 
     #[test]
     fn a_host_ahead_holds_back_only_while_others_claim() {
-        let seed = Bits::full(100);
-        let mut p = picker(100, 0.0);
-        p.set_hosts(1);
-        for _ in 0..10 {
-            let i = p.pick(&seed, true).unwrap();
-            assert!(p.claim(i));
-        }
+        let mut p = claimed(10, 1);
         p.peer_claims(99, true);
         let now = Instant::now();
         assert!(p.over_origin_share(now));
@@ -690,15 +690,9 @@ mod tests {
     fn claims_of_hosts_that_came_later_do_not_count() {
         // A host that joined late claims; this one, counting only the hosts
         // that came with it (none here), is not ahead of anybody.
-        let seed = Bits::full(100);
-        let mut p = picker(100, 0.0);
-        p.set_hosts(0);
-        for _ in 0..10 {
-            let i = p.pick(&seed, true).unwrap();
-            assert!(p.claim(i));
-        }
+        let mut p = claimed(10, 0);
         p.peer_claims(99, false);
         assert!(!p.over_origin_share(Instant::now()));
-        assert!(p.pick(&seed, true).is_some());
+        assert!(p.pick(&Bits::full(100), true).is_some());
     }
 }
