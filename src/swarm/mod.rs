@@ -610,9 +610,7 @@ impl Shared {
                 kill,
             },
         );
-        let hosts = peers.values().filter(|p| p.counted).count();
-        drop(peers);
-        self.picker().set_hosts(hosts);
+        self.count_hosts(peers);
         Some((conn, counted))
     }
 
@@ -628,10 +626,16 @@ impl Shared {
         if peers.get(&id).is_some_and(|p| p.conn == conn) {
             peers.remove(&id);
         }
+        self.count_hosts(peers);
+        self.bump();
+    }
+
+    /// Tells the picker how many counted hosts are connected. Takes the
+    /// peers' lock and lets it go before taking the picker's.
+    fn count_hosts(&self, peers: MutexGuard<'_, HashMap<PeerId, PeerEntry>>) {
         let hosts = peers.values().filter(|p| p.counted).count();
         drop(peers);
         self.picker().set_hosts(hosts);
-        self.bump();
     }
 
     /// A piece picked from the origin: the other hosts hear of it at once,
