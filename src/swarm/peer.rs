@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -44,6 +45,10 @@ const SLOT_IDLE: Duration = Duration::from_millis(200);
 /// Unsent bytes a socket holds at most, in pieces, so that what the writer
 /// sends next (the upload-slot order) goes on the wire soon after.
 const NOTSENT_PIECES: u64 = 1;
+/// A slot's piece counts as sent when its socket holds at most this much.
+const DRAINED: usize = 32 << 10;
+/// How often a draining slot looks at its socket.
+const DRAIN_POLL: Duration = Duration::from_millis(2);
 /// Queued blocks sent in one write at most (bytes; one block at least).
 const WRITE_BATCH: usize = 64 << 10;
 /// Pieces failing their hash before a peer is dropped.
@@ -401,10 +406,33 @@ async fn writer(
         t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
         let (q, _, _) = blocks[blocks.len() - 1];
         if (q.begin + q.length) as usize >= t.piece_size(q.index as usize) {
+            if let Some(s) = &slot {
+                drain(&w, s.since + SLOT_HOLD).await;
+            }
             slot = None;
         } else if let Some(s) = &mut slot {
             s.last = Instant::now();
         }
+    }
+}
+
+nix::ioctl_read_bad!(siocoutqnsd, 0x894B, nix::libc::c_int);
+
+/// Waits until the socket has sent all but [`DRAINED`] bytes of what it was
+/// given (or until `deadline`): a slot's piece is on the wire before the
+/// slot goes to the next one, so the origin sends few pieces at a time.
+async fn drain(w: &OwnedWriteHalf, deadline: Instant) {
+    let fd = w.as_ref().as_raw_fd();
+    loop {
+        let mut unsent: nix::libc::c_int = 0;
+        // SAFETY: SIOCOUTQNSD writes one int; `fd` is an open TCP socket.
+        if unsafe { siocoutqnsd(fd, &mut unsent) }.is_err()
+            || unsent as usize <= DRAINED
+            || Instant::now() >= deadline
+        {
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }
 
@@ -754,5 +782,56 @@ impl Driver {
         for i in self.claims.iter_set() {
             p.claim_dropped(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn unsent(w: &OwnedWriteHalf) -> usize {
+        let mut n: nix::libc::c_int = 0;
+        // SAFETY: as in `drain`.
+        unsafe { siocoutqnsd(w.as_ref().as_raw_fd(), &mut n) }.unwrap();
+        n as usize
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_held_until_its_piece_has_left_the_socket() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A receiver that takes little at a time, like a busy host's port.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut rx = sock.connect(l.local_addr().unwrap()).await.unwrap();
+        let (tx, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&tx)
+            .set_send_buffer_size(8 << 20)
+            .unwrap();
+        let (_r, mut w) = tx.into_split();
+        let piece = vec![7u8; 512 << 10];
+        w.write_all(&piece).await.unwrap();
+        assert!(unsent(&w) > DRAINED, "the piece left the socket at once");
+
+        let t = Instant::now();
+        drain(&w, t + Duration::from_millis(300)).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "drain returned with {} bytes unsent",
+            unsent(&w)
+        );
+
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 512 << 10];
+            rx.read_exact(&mut got).await.map(|_| got)
+        });
+        let t = Instant::now();
+        drain(&w, t + Duration::from_secs(20)).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "drain waited out its deadline"
+        );
+        assert!(unsent(&w) <= DRAINED);
+        assert_eq!(reader.await.unwrap().unwrap(), piece);
     }
 }
