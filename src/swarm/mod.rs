@@ -50,8 +50,8 @@ const MAX_PEERS: usize = 1024;
 /// waiting in line: a host gets a piece at a fraction of the port rate
 /// rather than at 1/N of it, and passes it on that much sooner. A slot is
 /// held until its piece has left the socket. Fewer slots leave the origin's
-/// port idle while the hosts' ports are busy (4: 78.6 s at N = 32 in the
-/// lab), more make each piece later (16: 77.7 s; 8: 76.7–77.2 s).
+/// port idle while the hosts' ports are busy, more make each piece later
+/// (docs/benchmarks.md, "Seventh look").
 const ORIGIN_SLOTS: usize = 8;
 /// A host that connects this long after the torrent started is a late
 /// joiner: its claims on the origin's pieces are not weighed against ours.
