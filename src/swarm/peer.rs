@@ -422,18 +422,17 @@ nix::ioctl_read_bad!(siocoutqnsd, 0x894B, nix::libc::c_int);
 /// given (or until `deadline`): a slot's piece is on the wire before the
 /// slot goes to the next one, so the origin sends few pieces at a time.
 async fn drain(w: &OwnedWriteHalf, deadline: Instant) {
-    let fd = w.as_ref().as_raw_fd();
-    loop {
-        let mut unsent: nix::libc::c_int = 0;
-        // SAFETY: SIOCOUTQNSD writes one int; `fd` is an open TCP socket.
-        if unsafe { siocoutqnsd(fd, &mut unsent) }.is_err()
-            || unsent as usize <= DRAINED
-            || Instant::now() >= deadline
-        {
-            return;
-        }
+    while unsent(w).is_some_and(|n| n > DRAINED) && Instant::now() < deadline {
         tokio::time::sleep(DRAIN_POLL).await;
     }
+}
+
+/// Bytes the socket holds that it has not sent yet.
+fn unsent(w: &OwnedWriteHalf) -> Option<usize> {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int; the fd is an open TCP socket.
+    unsafe { siocoutqnsd(w.as_ref().as_raw_fd(), &mut n) }.ok()?;
+    usize::try_from(n).ok()
 }
 
 /// Runs a short blocking call on this worker, letting the runtime move its
@@ -790,13 +789,6 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn unsent(w: &OwnedWriteHalf) -> usize {
-        let mut n: nix::libc::c_int = 0;
-        // SAFETY: as in `drain`.
-        unsafe { siocoutqnsd(w.as_ref().as_raw_fd(), &mut n) }.unwrap();
-        n as usize
-    }
-
     #[tokio::test]
     async fn a_slot_is_held_until_its_piece_has_left_the_socket() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -811,13 +803,16 @@ mod tests {
         let (_r, mut w) = tx.into_split();
         let piece = vec![7u8; 512 << 10];
         w.write_all(&piece).await.unwrap();
-        assert!(unsent(&w) > DRAINED, "the piece left the socket at once");
+        assert!(
+            unsent(&w).unwrap() > DRAINED,
+            "the piece left the socket at once"
+        );
 
         let t = Instant::now();
         drain(&w, t + Duration::from_millis(300)).await;
         assert!(
             t.elapsed() >= Duration::from_millis(300),
-            "drain returned with {} bytes unsent",
+            "drain returned with {:?} bytes unsent",
             unsent(&w)
         );
 
@@ -831,7 +826,7 @@ mod tests {
             t.elapsed() < Duration::from_secs(20),
             "drain waited out its deadline"
         );
-        assert!(unsent(&w) <= DRAINED);
+        assert!(unsent(&w).unwrap() <= DRAINED);
         assert_eq!(reader.await.unwrap().unwrap(), piece);
     }
 }
