@@ -42,9 +42,13 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 const SLOT_HOLD: Duration = Duration::from_secs(5);
 /// A slot whose peer asks for nothing more for this long is given up.
 const SLOT_IDLE: Duration = Duration::from_millis(200);
-/// Unsent bytes a socket holds at most, in pieces, so that what the writer
-/// sends next (the upload-slot order) goes on the wire soon after.
+/// Unsent bytes the origin's socket holds at most, in pieces, so that what
+/// the writer sends next (the upload-slot order) goes on the wire soon after.
 const NOTSENT_PIECES: u64 = 1;
+/// What a host's socket may hold unsent: one write batch. Blocks still
+/// queued here can be cancelled (a copy that came from elsewhere) instead of
+/// going out behind the ones already in the socket.
+const HOST_NOTSENT: u32 = WRITE_BATCH as u32;
 /// A slot's piece counts as sent when its socket holds at most this much.
 const DRAINED: usize = 32 << 10;
 /// How often a draining slot looks at its socket.
@@ -142,10 +146,12 @@ pub async fn run(
     outgoing: bool,
 ) {
     let _ = stream.set_nodelay(true);
-    if t.slots.is_some() {
-        let lowat = (t.piece_len * NOTSENT_PIECES).clamp(128 << 10, 16 << 20) as u32;
-        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(lowat);
-    }
+    let lowat = if t.slots.is_some() {
+        (t.piece_len * NOTSENT_PIECES).clamp(128 << 10, 16 << 20) as u32
+    } else {
+        HOST_NOTSENT
+    };
+    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(lowat);
     let (r, w) = stream.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let kill = Arc::new(tokio::sync::Notify::new());

@@ -12,8 +12,10 @@
 //!   others: each such piece costs its holder N − 1 uploads.
 //! - From any other peer it takes the rarest piece that peer holds, ties
 //!   broken at random, so fresh pieces spread at once.
-//! - When every missing piece is in flight, an idle peer may fetch one a
-//!   second time (end game); the first copy to arrive wins.
+//! - When every missing piece is in flight, or once every piece is out in
+//!   the room, an idle peer (the origin too, then) may fetch one a second
+//!   time (end game); the first copy to arrive wins and the other is
+//!   cancelled.
 
 use std::time::{Duration, Instant};
 
@@ -368,11 +370,21 @@ impl Picker {
         best.map(|(_, i)| i)
     }
 
-    /// End game: every missing piece is already in flight; a second copy
-    /// comes from another peer.
+    /// End game: a second copy of a piece in flight, from another peer.
+    /// - When every missing piece is in flight.
+    /// - Or once every piece is out in the room: no new piece will come, and
+    ///   the last ones wait behind their first holders, each sending them to
+    ///   every other host at once, while other peers (and the origin) idle.
+    ///
+    /// It is the piece that most peers hold: its first fetch is the one most
+    /// likely stuck behind a busy holder, and the most peers can serve it.
     fn pick_duplicate(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
         let missing = self.have.len() - self.have.count();
-        if missing == 0 || self.inflight_pieces < missing {
+        if missing == 0 {
+            return None;
+        }
+        let out = self.all_out();
+        if self.inflight_pieces < missing && !out {
             return None;
         }
         (0..self.have.len())
@@ -380,10 +392,10 @@ impl Picker {
                 !self.have.get(i)
                     && peer.get(i)
                     && (1..MAX_DUPLICATES).contains(&self.inflight[i])
-                    && (!origin || self.relay_avail[i] == 0)
+                    && (!origin || out || self.relay_avail[i] == 0)
                     && !fetching.contains(&i)
             })
-            .min_by_key(|&i| self.avail[i])
+            .max_by_key(|&i| self.avail[i])
     }
 
     /// Marks a piece picked from the origin as claimed; true if it was not.
@@ -619,6 +631,37 @@ mod tests {
         assert!(p.complete(e, false));
         assert!(p.is_complete());
         assert_eq!(p.pick(&full, false), None);
+    }
+
+    #[test]
+    fn once_every_piece_is_out_idle_peers_double_the_piece_most_peers_hold() {
+        let mut p = picker(3, 0.0);
+        let seed = Bits::full(3);
+        for i in 0..3 {
+            p.peer_has(i, true);
+        }
+        // Piece 0 is held by three hosts, 1 and 2 by one each.
+        for i in [0, 0, 0, 1, 2] {
+            p.peer_has(i, false);
+        }
+        let only = |i: usize| {
+            let mut b = Bits::new(3);
+            b.set(i);
+            b
+        };
+        assert_eq!(p.pick(&only(0), false), Some(0));
+        assert_eq!(p.pick(&only(1), false), Some(1));
+        // Piece 2 is not in flight yet, but every piece is out: an idle
+        // peer holding 0 and 1 doubles 0, which most peers hold.
+        let mut both = only(0);
+        both.set(1);
+        assert_eq!(p.pick(&both, false), Some(0));
+        // The origin, idle now, sends piece 2 first, then a second copy of 1.
+        assert_eq!(p.pick_except(&seed, true, &[]), Some(2));
+        assert_eq!(p.pick_except(&seed, true, &[2]), Some(1));
+        // No third copy of anything.
+        assert_eq!(p.pick_except(&seed, true, &[2, 1]), None);
+        assert_eq!(p.pick(&both, false), None);
     }
 
     #[test]
