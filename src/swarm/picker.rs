@@ -376,8 +376,9 @@ impl Picker {
     ///   the last ones wait behind their first holders, each sending them to
     ///   every other host at once, while other peers (and the origin) idle.
     ///
-    /// It is the piece that most peers hold: its first fetch is the one most
-    /// likely stuck behind a busy holder, and the most peers can serve it.
+    /// It is the piece that most peers hold (ties broken at random): its
+    /// first fetch is the one most likely stuck behind a busy holder, and the
+    /// most peers can serve it.
     fn pick_duplicate(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
         let missing = self.have.len() - self.have.count();
         if missing == 0 {
@@ -387,7 +388,10 @@ impl Picker {
         if self.inflight_pieces < missing && !out {
             return None;
         }
-        (0..self.have.len())
+        let n = self.have.len();
+        let from = (self.next_rand() % n as u64) as usize;
+        (0..n)
+            .map(|k| (from + k) % n)
             .filter(|&i| {
                 !self.have.get(i)
                     && peer.get(i)
@@ -395,7 +399,7 @@ impl Picker {
                     && (!origin || out || self.relay_avail[i] == 0)
                     && !fetching.contains(&i)
             })
-            .max_by_key(|&i| self.avail[i])
+            .min_by_key(|&i| std::cmp::Reverse(self.avail[i]))
     }
 
     /// Marks a piece picked from the origin as claimed; true if it was not.
