@@ -56,7 +56,7 @@ fn small_lab(scenario: &str, tools: &str) -> Vec<serde_json::Value> {
             "--tools",
             tools,
             "--timeout",
-            "150",
+            "240",
         ],
     )
 }
@@ -108,4 +108,26 @@ fn lab_four_hosts_late_joiner() {
     assert_eq!(bs["deployment_done"], true, "{show}");
     assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
     assert_eq!(bs["correct"], true, "{show}");
+}
+
+/// One host on a port at a tenth of the rate: the others must not wait for
+/// the pieces it took, and it must still get every piece.
+#[test]
+fn lab_four_hosts_one_slow() {
+    let runs = small_lab("slow", "blockswarm");
+    let bs = &runs[0];
+    let show = serde_json::to_string_pretty(bs).unwrap();
+    assert_eq!(bs["slow_host"], 4, "{show}");
+    assert_eq!(bs["completed"], true, "not every host finished: {show}");
+    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
+    assert_eq!(bs["correct"], true, "{show}");
+    // The slow host needs ten times S/B on its own port.
+    let (all, fast) = (
+        bs["T_s"].as_f64().unwrap(),
+        bs["T_fast_s"].as_f64().unwrap(),
+    );
+    assert!(
+        fast < 0.5 * all,
+        "the fast hosts took {fast} s, the slow one {all} s: {show}"
+    );
 }

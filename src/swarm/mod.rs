@@ -637,8 +637,12 @@ impl Shared {
     /// peers' lock and lets it go before taking the picker's.
     fn count_hosts(&self, peers: MutexGuard<'_, HashMap<PeerId, PeerEntry>>) {
         let hosts = peers.values().filter(|p| p.counted).count();
+        let relays = peers
+            .keys()
+            .filter(|id| !id.starts_with(crate::server::tracker::ORIGIN_PREFIX))
+            .count();
         drop(peers);
-        self.picker().set_hosts(hosts);
+        self.picker().set_hosts(hosts, relays);
     }
 
     /// A piece picked from the origin: the other hosts hear of it at once,

@@ -65,6 +65,8 @@ const HANDSHAKE_LEN: usize = 68;
 const CLAIM_ID: u8 = 0xB5;
 /// Length prefix, id, index and begin of a piece message.
 const PIECE_HEADER: usize = 13;
+/// The reader's buffer for small messages.
+const READ_BUFFER: usize = 4 << 10;
 
 /// Ours: no extensions, so peers send nothing beyond BEP 3.
 pub fn handshake(info_hash: [u8; 20], peer_id: PeerId) -> [u8; HANDSHAKE_LEN] {
@@ -172,7 +174,7 @@ pub async fn run(
         claims: Bits::new(t.pieces.len()),
         claim_times: VecDeque::new(),
         host: their_id.starts_with(super::HOST_PREFIX),
-        counted,
+        counted: counted.then_some(conn_id),
         origin,
         choked: true,
         interested: false,
@@ -195,8 +197,11 @@ pub async fn run(
     writer.abort();
 }
 
-async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Result<()> {
+async fn reader(r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Result<()> {
     let max = (pieces / 8 + 64).max(MAX_REQUEST as usize + 64);
+    // Small messages (Haves, requests, headers) come many to one read; a
+    // block larger than the buffer is read straight into its frame.
+    let mut r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     loop {
         let mut len = [0u8; 4];
         tokio::time::timeout(IDLE, r.read_exact(&mut len))
@@ -475,8 +480,9 @@ struct Driver {
     claim_times: VecDeque<(Instant, usize)>,
     /// Another blockswarm host: the only kind whose claims count.
     host: bool,
-    /// Its claims count in this host's share of the origin's pieces.
-    counted: bool,
+    /// Its claims count in this host's share of the origin's pieces: its
+    /// connection's id.
+    counted: Option<u64>,
     origin: bool,
     /// The peer chokes us.
     choked: bool,
@@ -786,6 +792,9 @@ impl Driver {
         p.peer_gone(&self.bits, self.origin);
         for i in self.claims.iter_set() {
             p.claim_dropped(i);
+        }
+        if let Some(c) = self.counted {
+            p.peer_left(c);
         }
     }
 }

@@ -17,18 +17,23 @@
 //!   time (end game); the first copy to arrive wins and the other is
 //!   cancelled.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// At most this many peers fetch the same piece at once (end game).
 const MAX_DUPLICATES: u8 = 2;
 /// A host takes new pieces from the origin only while it has taken at most
-/// this many more than the room's mean: each one it takes it must pass on to
-/// every other host, and the busiest uplink sets the room's time.
-const ORIGIN_SHARE_SLACK: f64 = 2.0;
+/// this many more than the room's median: each one it takes it must pass on
+/// to every other host, and the busiest uplink sets the room's time. (The
+/// median, so that a slow host's few claims do not hold the others back.)
+const ORIGIN_SHARE_SLACK: u64 = 2;
 /// A host ahead of the room holds back only while other hosts are claiming
 /// (their last claim came at most this long ago): the origin is never left
 /// with pieces that every host leaves to the others.
 const CLAIMING: Duration = Duration::from_millis(300);
+/// A host this many pieces (plus 1/128 of them) behind its peers' mean takes
+/// nothing new from the origin.
+const BEHIND_SLACK: u64 = 16;
 
 /// One peer's pieces.
 #[derive(Debug, Clone, Default)]
@@ -144,14 +149,18 @@ pub struct Picker {
     cursor: usize,
     /// The walk ran into another host's walk: start a new one.
     rewalk: bool,
-    /// Pieces this host claimed from the origin, and that the counted hosts
-    /// (see [`Picker::set_hosts`]) claimed while connected to it.
+    /// Pieces this host claimed from the origin.
     own_claims: u64,
-    room_claims: u64,
+    /// Pieces each counted host (see [`Picker::set_hosts`]) claimed while
+    /// connected to this one, by connection.
+    shares: HashMap<u64, u64>,
     /// When another host last claimed a piece.
     last_room_claim: Option<Instant>,
     /// Counted hosts connected.
     hosts: usize,
+    /// Peers other than the origin connected, and the pieces they hold.
+    relays: usize,
+    relay_held: u64,
     rng: u64,
 }
 
@@ -172,9 +181,11 @@ impl Picker {
             cursor,
             rewalk: false,
             own_claims: 0,
-            room_claims: 0,
+            shares: HashMap::new(),
             last_room_claim: None,
             hosts: 0,
+            relays: 0,
+            relay_held: 0,
             rng: seed | 1,
         }
     }
@@ -192,17 +203,20 @@ impl Picker {
             *a += 1;
             if !origin {
                 self.relay_avail[piece] += 1;
+                self.relay_held += 1;
             }
         }
     }
 
     /// Another host is fetching `piece` from the origin: not ours to fetch
     /// there, not yet to be fetched from that host.
-    /// `counted`: the host counts in this host's share of the origin's
-    /// pieces (see [`Picker::set_hosts`]).
-    pub fn peer_claims(&mut self, piece: usize, counted: bool) {
+    /// `counted`: the connection of a host that counts in this host's share
+    /// of the origin's pieces (see [`Picker::set_hosts`]).
+    pub fn peer_claims(&mut self, piece: usize, counted: Option<u64>) {
         if let Some(a) = self.relay_avail.get_mut(piece) {
-            self.room_claims += u64::from(counted);
+            if let Some(conn) = counted {
+                *self.shares.entry(conn).or_default() += 1;
+            }
             self.last_room_claim = Some(Instant::now());
             *a += 1;
             self.relay_claims[piece] += 1;
@@ -213,16 +227,31 @@ impl Picker {
     /// share of the origin's pieces: those that came at about the same time
     /// as this one. A host that joins later has claimed nothing before it
     /// came, and would make every earlier one look ahead of the room.
-    pub fn set_hosts(&mut self, hosts: usize) {
+    /// `relays`: all peers connected other than the origin.
+    pub fn set_hosts(&mut self, hosts: usize, relays: usize) {
         self.hosts = hosts;
+        self.relays = relays;
+    }
+
+    /// This host holds well under what its peers hold on average: a slow
+    /// port, or a late start. A piece it took first from the origin would
+    /// reach it late and leave it slowly, and the room would wait for it;
+    /// it takes pieces the others already hold instead.
+    fn behind(&self) -> bool {
+        let slack = BEHIND_SLACK + self.have.len() as u64 / 128;
+        self.relays > 0
+            && (self.have.count() as u64 + slack) * self.relays as u64 <= self.relay_held
     }
 
     /// This host has taken its share of the origin's pieces and more, and
     /// other hosts are taking theirs: it leaves the next ones to them.
     fn over_origin_share(&self, now: Instant) -> bool {
-        let room = (self.hosts + 1) as f64;
-        let mean = (self.own_claims + self.room_claims) as f64 / room;
-        self.own_claims as f64 > mean + ORIGIN_SHARE_SLACK
+        // Counted hosts that have claimed nothing yet count as 0.
+        let mut room: Vec<u64> = self.shares.values().copied().collect();
+        room.resize(room.len().max(self.hosts), 0);
+        room.push(self.own_claims);
+        room.sort_unstable();
+        self.own_claims > room[(room.len() - 1) / 2] + ORIGIN_SHARE_SLACK
             && self
                 .last_room_claim
                 .is_some_and(|t| now.saturating_duration_since(t) < CLAIMING)
@@ -233,6 +262,7 @@ impl Picker {
         if let Some(a) = self.avail.get_mut(piece) {
             *a += 1;
             self.relay_claims[piece] = self.relay_claims[piece].saturating_sub(1);
+            self.relay_held += 1;
         }
     }
 
@@ -242,6 +272,11 @@ impl Picker {
             *a = a.saturating_sub(1);
             self.relay_claims[piece] = self.relay_claims[piece].saturating_sub(1);
         }
+    }
+
+    /// A counted host's connection closed: its claims no longer count.
+    pub fn peer_left(&mut self, conn: u64) {
+        self.shares.remove(&conn);
     }
 
     pub fn peer_gone(&mut self, bits: &Bits, origin: bool) {
@@ -300,7 +335,7 @@ impl Picker {
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
         let n = self.have.len();
-        if n == 0 || self.over_origin_share(Instant::now()) {
+        if n == 0 || self.behind() || self.over_origin_share(Instant::now()) {
             return None;
         }
         if self.rewalk || !self.free(self.cursor, peer, true) {
@@ -433,6 +468,7 @@ impl Picker {
             *a = a.saturating_sub(1);
             if !origin {
                 self.relay_avail[piece] = self.relay_avail[piece].saturating_sub(1);
+                self.relay_held = self.relay_held.saturating_sub(1);
             }
         }
     }
@@ -546,8 +582,8 @@ mod tests {
     fn a_claimed_piece_is_left_to_its_claimer_until_the_claim_is_dropped() {
         let mut p = picker(3, 0.0);
         let seed = Bits::full(3);
-        p.peer_claims(0, true);
-        p.peer_claims(1, true);
+        p.peer_claims(0, Some(1));
+        p.peer_claims(1, Some(2));
         assert_eq!(p.pick(&seed, true), Some(2));
         assert!(p.complete(2, true));
         assert_eq!(
@@ -695,11 +731,44 @@ mod tests {
         assert_eq!(p.pick(&seed, true), Some(0));
     }
 
+    #[test]
+    fn a_host_far_behind_its_peers_takes_only_what_they_hold() {
+        // 1024 pieces: behind by 16 + 8 pieces or more.
+        let mut p = picker(1024, 0.0);
+        let seed = Bits::full(1024);
+        let mut relay = Bits::new(1024);
+        p.set_hosts(2, 2);
+        for i in 0..40 {
+            relay.set(i);
+            p.peer_has(i, false);
+            p.peer_has(i, false);
+        }
+        // Peers hold 40 on average, this host nothing: nothing new from the
+        // origin, but what the peers hold.
+        assert_eq!(p.pick(&seed, true), None);
+        let i = p.pick(&relay, false).expect("a piece the relays hold");
+        assert!(i < 40);
+        p.complete(i, false);
+        for i in (0..40).filter(|&k| k != i).take(15) {
+            p.complete(i, false);
+        }
+        // 16 held and a slack of 24: not above the peers' 40 yet.
+        assert_eq!(p.pick(&seed, true), None);
+        // Caught up to within the slack: the origin's pieces again.
+        let next = (0..40).find(|&k| !p.have().get(k)).expect("a piece left");
+        p.complete(next, false);
+        assert!(p.pick(&seed, true).is_some_and(|i| i >= 40));
+        // Alone with the origin, a host is never behind.
+        let mut q = picker(1024, 0.0);
+        q.set_hosts(0, 0);
+        assert!(q.pick(&seed, true).is_some());
+    }
+
     /// A picker of 100 pieces that has claimed `n` from the origin, with
     /// `hosts` counted hosts around it.
     fn claimed(n: usize, hosts: usize) -> Picker {
         let mut p = picker(100, 0.0);
-        p.set_hosts(hosts);
+        p.set_hosts(hosts, hosts);
         for _ in 0..n {
             let i = p.pick(&Bits::full(100), true).expect("nobody else claims");
             assert!(p.claim(i));
@@ -711,21 +780,43 @@ mod tests {
     fn a_host_ahead_of_the_room_leaves_origin_pieces_to_the_others() {
         let seed = Bits::full(100);
         let mut p = claimed(4, 3);
-        // Another host claims: 4 against the room's mean of 5 / 4, more
-        // than 2 ahead.
-        p.peer_claims(90, true);
+        // Another host claims: 4 against the room's 0, 0, 1 and 4, whose
+        // median (the lower middle one) is 0: more than 2 ahead.
+        p.peer_claims(90, Some(1));
         assert_eq!(p.pick(&seed, true), None);
-        // The others catch up: mean (4 + 5) / 4 = 2.25, back within 2.
-        for i in 91..95 {
-            p.peer_claims(i, true);
+        // The others catch up: 1, 2, 2 and 4, median 2, back within 2.
+        for (i, host) in (91..95).zip([1, 2, 2, 3]) {
+            p.peer_claims(i, Some(host));
         }
         assert!(p.pick(&seed, true).is_some());
     }
 
     #[test]
+    fn a_slow_host_claiming_little_does_not_hold_the_others_back() {
+        // Six hosts have claimed 19 pieces each, a slow one 3, this one 21:
+        // 2 over the median. (The mean, 17.25, would hold it back.)
+        let mut p = claimed(21, 7);
+        let mut i = 30;
+        for host in 1..=7 {
+            for _ in 0..if host == 7 { 3 } else { 19 } {
+                p.peer_claims(i % 100, Some(host));
+                i += 1;
+            }
+        }
+        assert!(!p.over_origin_share(Instant::now()));
+        // One more and it is over.
+        p.own_claims += 1;
+        assert!(p.over_origin_share(Instant::now()));
+        // The slow host leaves: the median stays 19.
+        p.own_claims -= 1;
+        p.peer_left(7);
+        assert!(!p.over_origin_share(Instant::now()));
+    }
+
+    #[test]
     fn a_host_ahead_holds_back_only_while_others_claim() {
         let mut p = claimed(10, 1);
-        p.peer_claims(99, true);
+        p.peer_claims(99, Some(1));
         let now = Instant::now();
         assert!(p.over_origin_share(now));
         // Nobody has claimed for a while (every host holding back, or a
@@ -738,7 +829,7 @@ mod tests {
         // A host that joined late claims; this one, counting only the hosts
         // that came with it (none here), is not ahead of anybody.
         let mut p = claimed(10, 0);
-        p.peer_claims(99, false);
+        p.peer_claims(99, None);
         assert!(!p.over_origin_share(Instant::now()));
         assert!(p.pick(&Bits::full(100), true).is_some());
     }
