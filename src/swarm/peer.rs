@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::picker::Bits;
+use super::picker::{Bits, PeerPieces};
 use super::{PeerId, Shared, until_true};
 
 /// Bytes per request (the size every client uses).
@@ -170,7 +170,7 @@ pub async fn run(
         addr,
         t: t.clone(),
         out: out_tx,
-        bits: Bits::new(t.pieces.len()),
+        bits: PeerPieces::new(t.pieces.len()),
         claims: Bits::new(t.pieces.len()),
         claim_times: VecDeque::new(),
         host: their_id.starts_with(super::HOST_PREFIX),
@@ -473,7 +473,7 @@ struct Driver {
     addr: SocketAddr,
     t: Arc<Shared>,
     out: mpsc::UnboundedSender<Out>,
-    bits: Bits,
+    bits: PeerPieces,
     /// Pieces the peer is fetching from the origin (not held yet), and
     /// when it said so: a claim not filled within [`STALL`] is forgotten.
     claims: Bits,
@@ -538,27 +538,33 @@ impl Driver {
             In::Unchoke => self.choked = false,
             In::Have(i) => {
                 let i = i as usize;
-                if self.bits.set(i) {
+                let mut p = self.t.picker();
+                if self.bits.set(i, p.have()) {
                     if self.claims.unset(i) {
-                        self.t.picker().claim_held(i);
+                        p.claim_held(i);
                     } else {
-                        self.t.picker().peer_has(i, self.origin);
+                        p.peer_has(i, self.origin);
                     }
+                    drop(p);
                     self.update_interest();
                 }
             }
             In::Claim(i) => {
                 let i = i as usize;
-                if self.host && i < self.bits.len() && !self.bits.get(i) && self.claims.set(i) {
+                if self.host
+                    && i < self.bits.bits().len()
+                    && !self.bits.get(i)
+                    && self.claims.set(i)
+                {
                     self.claim_times.push_back((Instant::now(), i));
                     self.t.picker().peer_claims(i, self.counted);
                 }
             }
             In::Bitfield(b) => {
-                let new = Bits::from_bytes(self.bits.len(), &b);
+                let new = Bits::from_bytes(self.bits.bits().len(), &b);
                 let mut p = self.t.picker();
                 for i in new.iter_set() {
-                    if self.bits.set(i) {
+                    if self.bits.set(i, p.have()) {
                         if self.claims.unset(i) {
                             p.claim_held(i);
                         } else {
@@ -582,7 +588,7 @@ impl Driver {
     }
 
     fn update_interest(&mut self) {
-        let want = self.t.picker().wants_from(&self.bits);
+        let want = self.t.picker().wants_from(&mut self.bits);
         if want != self.interested {
             self.interested = want;
             let m = if want {
@@ -631,7 +637,7 @@ impl Driver {
             let picked = self
                 .t
                 .picker()
-                .pick_except(&self.bits, self.origin, &fetching);
+                .pick_except(&mut self.bits, self.origin, &fetching);
             let Some(index) = picked else {
                 self.t.release_memory();
                 break;

@@ -130,6 +130,65 @@ impl Bits {
     }
 }
 
+/// One peer's pieces, and those of them this side lacked when it heard of
+/// them: picking from the peer looks at these only, not at every piece (a
+/// pick follows most messages; a full scan each time grew with pieces ×
+/// peers).
+#[derive(Debug, Clone)]
+pub struct PeerPieces {
+    bits: Bits,
+    /// Pruned lazily: pieces this side got since, or the peer lost.
+    wanted: Vec<usize>,
+}
+
+impl PeerPieces {
+    pub fn new(n: usize) -> Self {
+        Self {
+            bits: Bits::new(n),
+            wanted: Vec::new(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn from_bits(bits: Bits, have: &Bits) -> Self {
+        let wanted = bits.iter_set().filter(|&i| !have.get(i)).collect();
+        Self { bits, wanted }
+    }
+
+    pub fn bits(&self) -> &Bits {
+        &self.bits
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        self.bits.get(i)
+    }
+
+    /// Returns false if it was already set or is out of range. `have`: this
+    /// side's pieces.
+    pub fn set(&mut self, i: usize, have: &Bits) -> bool {
+        if !self.bits.set(i) {
+            return false;
+        }
+        if !have.get(i) {
+            self.wanted.push(i);
+        }
+        true
+    }
+
+    /// Returns false if it was not set.
+    pub fn unset(&mut self, i: usize) -> bool {
+        if !self.bits.unset(i) {
+            return false;
+        }
+        self.wanted.retain(|&w| w != i);
+        true
+    }
+
+    fn prune(&mut self, have: &Bits) {
+        self.wanted.retain(|&i| !have.get(i));
+    }
+}
+
 /// The pieces this side has, what its peers have, and what is in flight.
 #[derive(Debug)]
 pub struct Picker {
@@ -145,6 +204,8 @@ pub struct Picker {
     /// Pieces being fetched from the origin, announced to other hosts as claims.
     claimed: Vec<bool>,
     inflight_pieces: usize,
+    /// Pieces neither here nor held by another host (see [`Picker::all_out`]).
+    not_out: usize,
     /// Next piece of the walk over the origin's pieces.
     cursor: usize,
     /// The walk ran into another host's walk: start a new one.
@@ -170,6 +231,7 @@ impl Picker {
     pub fn new(have: Bits, start: f64, seed: u64) -> Self {
         let n = have.len();
         let cursor = ((start.clamp(0.0, 1.0) * n as f64) as usize).min(n.saturating_sub(1));
+        let not_out = n.saturating_sub(have.count());
         Self {
             have,
             avail: vec![0; n],
@@ -178,6 +240,7 @@ impl Picker {
             inflight: vec![0; n],
             claimed: vec![false; n],
             inflight_pieces: 0,
+            not_out,
             cursor,
             rewalk: false,
             own_claims: 0,
@@ -199,12 +262,29 @@ impl Picker {
     }
 
     pub fn peer_has(&mut self, piece: usize, origin: bool) {
-        if let Some(a) = self.avail.get_mut(piece) {
-            *a += 1;
-            if !origin {
-                self.relay_avail[piece] += 1;
-                self.relay_held += 1;
-            }
+        if piece >= self.avail.len() {
+            return;
+        }
+        self.avail[piece] += 1;
+        if !origin {
+            self.track(piece, |p| p.relay_avail[piece] += 1);
+            self.relay_held += 1;
+        }
+    }
+
+    /// Whether `piece` is here or held by another host.
+    fn is_out(&self, piece: usize) -> bool {
+        self.have.get(piece) || self.relay_avail[piece] > self.relay_claims[piece]
+    }
+
+    /// Applies `change` to `piece`'s counts, keeping [`Picker::not_out`].
+    fn track(&mut self, piece: usize, change: impl FnOnce(&mut Self)) {
+        let before = self.is_out(piece);
+        change(self);
+        match (before, self.is_out(piece)) {
+            (false, true) => self.not_out -= 1,
+            (true, false) => self.not_out += 1,
+            _ => {}
         }
     }
 
@@ -213,14 +293,17 @@ impl Picker {
     /// `counted`: the connection of a host that counts in this host's share
     /// of the origin's pieces (see [`Picker::set_hosts`]).
     pub fn peer_claims(&mut self, piece: usize, counted: Option<u64>) {
-        if let Some(a) = self.relay_avail.get_mut(piece) {
-            if let Some(conn) = counted {
-                *self.shares.entry(conn).or_default() += 1;
-            }
-            self.last_room_claim = Some(Instant::now());
-            *a += 1;
-            self.relay_claims[piece] += 1;
+        if piece >= self.relay_avail.len() {
+            return;
         }
+        if let Some(conn) = counted {
+            *self.shares.entry(conn).or_default() += 1;
+        }
+        self.last_room_claim = Some(Instant::now());
+        self.track(piece, |p| {
+            p.relay_avail[piece] += 1;
+            p.relay_claims[piece] += 1;
+        });
     }
 
     /// How many other blockswarm hosts connected are counted in this host's
@@ -259,19 +342,25 @@ impl Picker {
 
     /// A host now holds the piece it claimed.
     pub fn claim_held(&mut self, piece: usize) {
-        if let Some(a) = self.avail.get_mut(piece) {
-            *a += 1;
-            self.relay_claims[piece] = self.relay_claims[piece].saturating_sub(1);
-            self.relay_held += 1;
+        if piece >= self.avail.len() {
+            return;
         }
+        self.avail[piece] += 1;
+        self.track(piece, |p| {
+            p.relay_claims[piece] = p.relay_claims[piece].saturating_sub(1)
+        });
+        self.relay_held += 1;
     }
 
     /// A host left (or failed) with a claim it did not fill.
     pub fn claim_dropped(&mut self, piece: usize) {
-        if let Some(a) = self.relay_avail.get_mut(piece) {
-            *a = a.saturating_sub(1);
-            self.relay_claims[piece] = self.relay_claims[piece].saturating_sub(1);
+        if piece >= self.relay_avail.len() {
+            return;
         }
+        self.track(piece, |p| {
+            p.relay_avail[piece] = p.relay_avail[piece].saturating_sub(1);
+            p.relay_claims[piece] = p.relay_claims[piece].saturating_sub(1);
+        });
     }
 
     /// A counted host's connection closed: its claims no longer count.
@@ -279,15 +368,16 @@ impl Picker {
         self.shares.remove(&conn);
     }
 
-    pub fn peer_gone(&mut self, bits: &Bits, origin: bool) {
-        for i in bits.iter_set() {
+    pub fn peer_gone(&mut self, peer: &PeerPieces, origin: bool) {
+        for i in peer.bits.iter_set() {
             self.peer_lost(i, origin);
         }
     }
 
     /// Whether `peer` holds anything this side lacks.
-    pub fn wants_from(&self, peer: &Bits) -> bool {
-        !self.have.is_full() && peer.iter_set().any(|i| !self.have.get(i))
+    pub fn wants_from(&self, peer: &mut PeerPieces) -> bool {
+        peer.prune(&self.have);
+        !peer.wanted.is_empty()
     }
 
     fn free(&self, i: usize, peer: &Bits, origin: bool) -> bool {
@@ -299,17 +389,34 @@ impl Picker {
 
     #[cfg(test)]
     pub fn pick(&mut self, peer: &Bits, origin: bool) -> Option<usize> {
-        self.pick_except(peer, origin, &[])
+        self.pick_fetching(peer, origin, &[])
+    }
+
+    #[cfg(test)]
+    pub fn pick_fetching(
+        &mut self,
+        peer: &Bits,
+        origin: bool,
+        fetching: &[usize],
+    ) -> Option<usize> {
+        let mut peer = PeerPieces::from_bits(peer.clone(), &self.have);
+        self.pick_except(&mut peer, origin, fetching)
     }
 
     /// The next piece to fetch from `peer`, marked in flight; `None` if the
     /// peer has nothing useful that is not already coming. Never one of
     /// `fetching`, the pieces already being fetched from this peer.
-    pub fn pick_except(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
+    pub fn pick_except(
+        &mut self,
+        peer: &mut PeerPieces,
+        origin: bool,
+        fetching: &[usize],
+    ) -> Option<usize> {
+        peer.prune(&self.have);
         let p = if origin {
             // Once every piece is out in the room, the origin's port is
             // free: it helps spread the rarest ones.
-            self.pick_origin(peer).or_else(|| {
+            self.pick_origin(&peer.bits).or_else(|| {
                 if self.all_out() {
                     self.pick_rarest(peer)
                 } else {
@@ -330,7 +437,7 @@ impl Picker {
     /// Every piece is here or held by another host (not merely claimed:
     /// the origin still has those to send).
     fn all_out(&self) -> bool {
-        (0..self.have.len()).all(|i| self.have.get(i) || self.relay_avail[i] > self.relay_claims[i])
+        self.not_out == 0
     }
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
@@ -389,16 +496,16 @@ impl Picker {
         Some((start + best_len / 3 + jitter) % n)
     }
 
-    fn pick_rarest(&mut self, peer: &Bits) -> Option<usize> {
-        let n = self.have.len();
+    fn pick_rarest(&mut self, peer: &PeerPieces) -> Option<usize> {
+        let n = peer.wanted.len();
         if n == 0 {
             return None;
         }
         let from = (self.next_rand() % n as u64) as usize;
         let mut best: Option<(u32, usize)> = None;
         for k in 0..n {
-            let i = (from + k) % n;
-            if self.free(i, peer, false) && best.is_none_or(|(a, _)| self.avail[i] < a) {
+            let i = peer.wanted[(from + k) % n];
+            if self.free(i, &peer.bits, false) && best.is_none_or(|(a, _)| self.avail[i] < a) {
                 best = Some((self.avail[i], i));
             }
         }
@@ -414,7 +521,12 @@ impl Picker {
     /// It is the piece that most peers hold (ties broken at random): its
     /// first fetch is the one most likely stuck behind a busy holder, and the
     /// most peers can serve it.
-    fn pick_duplicate(&mut self, peer: &Bits, origin: bool, fetching: &[usize]) -> Option<usize> {
+    fn pick_duplicate(
+        &mut self,
+        peer: &PeerPieces,
+        origin: bool,
+        fetching: &[usize],
+    ) -> Option<usize> {
         let missing = self.have.len() - self.have.count();
         if missing == 0 {
             return None;
@@ -423,10 +535,13 @@ impl Picker {
         if self.inflight_pieces < missing && !out {
             return None;
         }
-        let n = self.have.len();
+        let n = peer.wanted.len();
+        if n == 0 {
+            return None;
+        }
         let from = (self.next_rand() % n as u64) as usize;
         (0..n)
-            .map(|k| (from + k) % n)
+            .map(|k| peer.wanted[(from + k) % n])
             .filter(|&i| {
                 !self.have.get(i)
                     && peer.get(i)
@@ -464,12 +579,15 @@ impl Picker {
 
     /// A peer announced `piece` but could not deliver it: forget it there.
     pub fn peer_lost(&mut self, piece: usize, origin: bool) {
-        if let Some(a) = self.avail.get_mut(piece) {
-            *a = a.saturating_sub(1);
-            if !origin {
-                self.relay_avail[piece] = self.relay_avail[piece].saturating_sub(1);
-                self.relay_held = self.relay_held.saturating_sub(1);
-            }
+        if piece >= self.avail.len() {
+            return;
+        }
+        self.avail[piece] = self.avail[piece].saturating_sub(1);
+        if !origin {
+            self.track(piece, |p| {
+                p.relay_avail[piece] = p.relay_avail[piece].saturating_sub(1)
+            });
+            self.relay_held = self.relay_held.saturating_sub(1);
         }
     }
 
@@ -497,7 +615,12 @@ impl Picker {
         if let Some(c) = self.claimed.get_mut(piece) {
             *c = false;
         }
-        self.have.set(piece)
+        if piece >= self.have.len() {
+            return false;
+        }
+        let mut new = false;
+        self.track(piece, |p| new = p.have.set(piece));
+        new
     }
 
     fn next_rand(&mut self) -> u64 {
@@ -697,10 +820,10 @@ mod tests {
         both.set(1);
         assert_eq!(p.pick(&both, false), Some(0));
         // The origin, idle now, sends piece 2 first, then a second copy of 1.
-        assert_eq!(p.pick_except(&seed, true, &[]), Some(2));
-        assert_eq!(p.pick_except(&seed, true, &[2]), Some(1));
+        assert_eq!(p.pick_fetching(&seed, true, &[]), Some(2));
+        assert_eq!(p.pick_fetching(&seed, true, &[2]), Some(1));
         // No third copy of anything.
-        assert_eq!(p.pick_except(&seed, true, &[2, 1]), None);
+        assert_eq!(p.pick_fetching(&seed, true, &[2, 1]), None);
         assert_eq!(p.pick(&both, false), None);
     }
 
@@ -708,14 +831,14 @@ mod tests {
     fn end_game_never_doubles_a_piece_on_the_connection_fetching_it() {
         let mut p = picker(1, 0.0);
         let seed = Bits::full(1);
-        assert_eq!(p.pick_except(&seed, true, &[]), Some(0));
+        assert_eq!(p.pick_fetching(&seed, true, &[]), Some(0));
         // The origin's connection already fetches it: no second copy there.
-        assert_eq!(p.pick_except(&seed, true, &[0]), None);
+        assert_eq!(p.pick_fetching(&seed, true, &[0]), None);
         // A relay that holds it may send a second copy.
         let mut relay = Bits::new(1);
         relay.set(0);
         p.peer_has(0, false);
-        assert_eq!(p.pick_except(&relay, false, &[]), Some(0));
+        assert_eq!(p.pick_fetching(&relay, false, &[]), Some(0));
     }
 
     #[test]
@@ -832,5 +955,59 @@ mod tests {
         p.peer_claims(99, None);
         assert!(!p.over_origin_share(Instant::now()));
         assert!(p.pick(&Bits::full(100), true).is_some());
+    }
+
+    #[test]
+    fn the_count_of_pieces_not_out_follows_every_change() {
+        let n = 24;
+        let mut p = picker(n, 0.0);
+        let mut rng = 12345u64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m) as usize
+        };
+        for _ in 0..5000 {
+            let i = next(n as u64);
+            match next(6) {
+                0 => p.peer_has(i, next(4) == 0),
+                1 => p.peer_claims(i, None),
+                2 => p.claim_held(i),
+                3 => p.claim_dropped(i),
+                4 => p.peer_lost(i, next(4) == 0),
+                _ => {
+                    p.complete(i, false);
+                }
+            }
+            let slow = (0..n)
+                .filter(|&i| !p.have.get(i) && p.relay_avail[i] <= p.relay_claims[i])
+                .count();
+            assert_eq!(p.not_out, slow);
+        }
+    }
+
+    #[test]
+    fn a_peer_s_wanted_pieces_are_those_this_side_lacks() {
+        let mut p = picker(8, 0.0);
+        p.complete(1, false);
+        let mut peer = PeerPieces::new(8);
+        for i in [1, 2, 5] {
+            assert!(peer.set(i, p.have()));
+            p.peer_has(i, false);
+        }
+        assert!(!peer.set(2, p.have()));
+        assert!(p.wants_from(&mut peer));
+        assert_eq!(peer.wanted, vec![2, 5]);
+        // 5 arrives through someone else; 2 the peer could not deliver.
+        p.complete(5, false);
+        assert!(peer.unset(2));
+        p.peer_lost(2, false);
+        assert!(!p.wants_from(&mut peer));
+        assert_eq!(p.pick_except(&mut peer, false, &[]), None);
+        // It has 2 again.
+        assert!(peer.set(2, p.have()));
+        p.peer_has(2, false);
+        assert_eq!(p.pick_except(&mut peer, false, &[]), Some(2));
     }
 }
