@@ -119,8 +119,14 @@ fn incremental_reimaging_fetches_only_changes() {
     let cfg = format!("seed_upload_limit = \"20M\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}");
     let srv = Server::start(t.path(), Some(2), &cfg);
     srv.wait_seeding("lab");
-    let macs = ["52:54:00:00:30:01", "52:54:00:00:30:02"];
-    let tgts: Vec<_> = (0..2)
+    // The third PC joins for the next term, its disk blank (a new PC): it
+    // is far behind the other two, which hold most of the new image.
+    let macs = [
+        "52:54:00:00:30:01",
+        "52:54:00:00:30:02",
+        "52:54:00:00:30:03",
+    ];
+    let tgts: Vec<_> = (0..3)
         .map(|i| t.path().join(format!("pc{i}.img")))
         .collect();
     let t0 = Instant::now();
@@ -145,6 +151,7 @@ fn incremental_reimaging_fetches_only_changes() {
         format!("image = \"lab2\"\nincremental = true\n{TEST_JOB}"),
     )
     .unwrap();
+    blank_target(&tgts[2], size, false);
     for m in macs {
         bs_ok(&[
             "admin",
@@ -158,10 +165,10 @@ fn incremental_reimaging_fetches_only_changes() {
         ]);
     }
     bs_ok(&[
-        "admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "2",
+        "admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "3",
     ]);
     let t1 = Instant::now();
-    let mut agents: Vec<Agent> = (0..2)
+    let mut agents: Vec<Agent> = (0..3)
         .map(|i| Agent::start(&srv.url, macs[i], &tgts[i]))
         .collect();
     agents.iter_mut().for_each(|a| a.wait_ok(180));
@@ -173,12 +180,19 @@ fn incremental_reimaging_fetches_only_changes() {
         .size;
     let mut inc_fetched = 0;
     for (a, tgt) in agents.iter().zip(&tgts) {
+        assert_extents_equal(&v2, &disk, tgt, &[]);
         let log = a.log();
         assert!(log.contains("incremental"), "{log}");
         let (f, _) = fetched(&log);
+        if tgt == &tgts[2] {
+            assert!(
+                f > payload / 2,
+                "the new PC fetched {f} of {payload}:\n{log}"
+            );
+            continue;
+        }
         inc_fetched += f;
         assert!(f < payload / 4, "fetched {f} of {payload}:\n{log}");
-        assert_extents_equal(&v2, &disk, tgt, &[]);
     }
     eprintln!(
         "incremental: changed {changed} bytes of a {payload}-byte payload; fetched {inc_fetched} bytes for 2 hosts in {inc:.1} s \

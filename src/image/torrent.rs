@@ -14,12 +14,15 @@ use sha1w::ISha1;
 use super::manifest::Manifest;
 use super::map::PayloadMap;
 
-/// Piece length for a payload: about 8192 pieces, between 256 KiB and 16 MiB.
-/// 1 GB gets 256 KiB pieces, 50 GB 8 MiB, 500 GB 16 MiB (32 000 pieces).
+/// Piece length for a payload: about 8192 pieces, between 128 KiB and 16 MiB.
+/// 1 GiB gets 128 KiB pieces, 50 GiB 8 MiB, 500 GiB 16 MiB (32 000 pieces).
+/// A piece takes about (N + 8) piece-times on a port to spread through a
+/// room of N, which is the room's last seconds: small images want small
+/// pieces (docs/benchmarks.md, "Tenth look").
 pub fn default_piece_length(payload: u64) -> u32 {
     (payload / 8192)
         .next_power_of_two()
-        .clamp(256 << 10, 16 << 20) as u32
+        .clamp(128 << 10, 16 << 20) as u32
 }
 
 /// Serialized metainfo and its info hash.
@@ -217,10 +220,11 @@ mod tests {
 
     #[test]
     fn piece_length_scales() {
-        assert_eq!(default_piece_length(1 << 30), 256 << 10);
+        assert_eq!(default_piece_length(1 << 30), 128 << 10);
+        assert_eq!(default_piece_length(2 << 30), 256 << 10);
         assert_eq!(default_piece_length(50 << 30), 8 << 20);
         assert_eq!(default_piece_length(500 << 30), 16 << 20);
-        assert_eq!(default_piece_length(1000), 256 << 10);
+        assert_eq!(default_piece_length(1000), 128 << 10);
     }
 
     #[test]
