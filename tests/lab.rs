@@ -72,10 +72,7 @@ fn lab_four_hosts_ideal() {
     let sb = bs["sb_s"].as_f64().unwrap();
     assert!((8.0..=12.5).contains(&sb), "S/B = {sb} s, not about 10 s");
     assert_eq!(bs["hosts"], 4);
-    assert_eq!(bs["completed"], true, "not every host finished: {show}");
-    assert_eq!(bs["deployment_done"], true, "{show}");
-    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
-    assert_eq!(bs["correct"], true, "{show}");
+    assert_room_done(bs);
     let ratio = bs["seed_ratio"].as_f64().unwrap();
     assert!(
         ratio <= 2.0,
@@ -95,6 +92,16 @@ fn lab_four_hosts_ideal() {
     assert_eq!(uc["targets_ok"], 4, "{uc}");
 }
 
+/// Every host of the four finished, the deployment ended, and every target
+/// verifies.
+fn assert_room_done(bs: &serde_json::Value) {
+    let show = serde_json::to_string_pretty(bs).unwrap();
+    assert_eq!(bs["completed"], true, "not every host finished: {show}");
+    assert_eq!(bs["deployment_done"], true, "{show}");
+    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
+    assert_eq!(bs["correct"], true, "{show}");
+}
+
 /// A host that joins when the others are half done: it saw none of their
 /// earlier claims on the origin's pieces, and must still get every piece.
 #[test]
@@ -104,10 +111,7 @@ fn lab_four_hosts_late_joiner() {
     let show = serde_json::to_string_pretty(bs).unwrap();
     assert_eq!(bs["late_host"], 4, "{show}");
     assert!(bs["late_joined_at_s"].as_f64().is_some(), "{show}");
-    assert_eq!(bs["completed"], true, "not every host finished: {show}");
-    assert_eq!(bs["deployment_done"], true, "{show}");
-    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
-    assert_eq!(bs["correct"], true, "{show}");
+    assert_room_done(bs);
 }
 
 /// One host on a port at a tenth of the rate: the others must not wait for
@@ -118,9 +122,7 @@ fn lab_four_hosts_one_slow() {
     let bs = &runs[0];
     let show = serde_json::to_string_pretty(bs).unwrap();
     assert_eq!(bs["slow_host"], 4, "{show}");
-    assert_eq!(bs["completed"], true, "not every host finished: {show}");
-    assert_eq!(bs["targets_ok"], 4, "a target does not verify: {show}");
-    assert_eq!(bs["correct"], true, "{show}");
+    assert_room_done(bs);
     // The slow host needs ten times S/B on its own port.
     let (all, fast) = (
         bs["T_s"].as_f64().unwrap(),
