@@ -18,7 +18,7 @@ pub enum AdminCmd {
 
 pub async fn run(server: &str, token: Option<&str>, cmd: AdminCmd) -> Result<()> {
     let base = server.trim_end_matches('/');
-    let http = reqwest::Client::new();
+    let http = crate::util::http_client()?;
     let auth = |rb: reqwest::RequestBuilder| match token {
         Some(t) => rb.bearer_auth(t),
         None => rb,

@@ -17,6 +17,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// The process's HTTP client (the agent's API calls, tracker announces).
+/// One per process: building a client loads the system's TLS roots, about
+/// 5 ms of CPU each time.
+/// It goes to the boot server directly, never through a proxy named in the
+/// environment. The timeout bounds each request; callers may set a shorter
+/// one.
+pub fn http_client() -> Result<reqwest::Client> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .user_agent(concat!("blockswarm/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("building the HTTP client: {e}"))
+}
+
 /// "1.5 GiB".
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 use crate::image::Image;
 use crate::protocol::{JobResponse, StatusAck, StatusReport};
 
+#[derive(Clone)]
 pub struct Client {
     base: String,
     http: reqwest::Client,
@@ -19,10 +20,7 @@ impl Client {
         if !base.starts_with("http://") && !base.starts_with("https://") {
             bail!("server URL {base:?} must start with http:// or https://");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()?;
+        let http = crate::util::http_client()?;
         Ok(Self { base, http })
     }
 

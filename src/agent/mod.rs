@@ -81,7 +81,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     info!("agent for {mac}, server {}", opts.server);
     let mut rep = Reporter {
-        client: Client::new(&opts.server)?,
+        client: client.clone(),
         base: StatusReport {
             mac: mac.clone(),
             state: AgentState::WaitingForJob,

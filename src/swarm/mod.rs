@@ -136,11 +136,7 @@ impl SwarmSession {
             up_limit: Arc::new(Limiter::new(limits.upload)),
             down_limit: Arc::new(Limiter::new(limits.download)),
             slots: origin.then(|| Arc::new(tokio::sync::Semaphore::new(ORIGIN_SLOTS))),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .user_agent(concat!("blockswarm/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .context("building the HTTP client")?,
+            http: crate::util::http_client()?,
         });
         let accept = tokio::spawn(accept_loop(listener, inner.clone()));
         Ok(Self {
