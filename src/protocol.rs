@@ -190,6 +190,31 @@ pub struct JobResponse {
     /// seed for the same ones.
     #[serde(default)]
     pub start_fraction: f64,
+    /// This host's credential for this deployment: its status reports and
+    /// tracker announces carry it, and the server ignores those without.
+    #[serde(default)]
+    pub token: String,
+    /// The server's own seed, as this host dials it: the only peer the
+    /// agent treats as the origin.
+    #[serde(default)]
+    pub origin: Option<std::net::SocketAddr>,
+    /// The disk this host said it was writing in this deployment: a retry
+    /// writes to this disk or to none.
+    #[serde(default)]
+    pub disk: Option<DiskIdentity>,
+}
+
+/// What identifies a target disk across reboots: its WWN or serial where the
+/// disk has them, else its udev path, and always its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIdentity {
+    pub size: u64,
+    #[serde(default)]
+    pub wwn: Option<String>,
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub by_path: Option<String>,
 }
 
 /// The `k`-th term of the base-2 van der Corput sequence: 0, 1/2, 1/4, 3/4,
@@ -232,6 +257,12 @@ pub struct StatusReport {
     pub error: Option<String>,
     /// Seconds since the agent started its job.
     pub elapsed_s: f64,
+    /// The token of the job this report is about ([`JobResponse::token`]).
+    #[serde(default)]
+    pub token: String,
+    /// The disk this host writes, once chosen.
+    #[serde(default)]
+    pub disk: Option<DiskIdentity>,
 }
 
 /// A torrent's progress, as the agent reports it and the console shows it.
@@ -255,6 +286,10 @@ pub struct StatusAck {
     pub deployment_done: bool,
     /// The deployment was stopped by the admin.
     pub stopped: bool,
+    /// The server can no longer serve this host's image (its source changed
+    /// or failed): the agent stops, writing nothing more.
+    #[serde(default)]
+    pub image_failed: Option<String>,
 }
 
 #[cfg(test)]

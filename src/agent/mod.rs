@@ -91,6 +91,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             progress: Default::default(),
             error: None,
             elapsed_s: 0.0,
+            token: String::new(),
+            disk: None,
         },
         started: Instant::now(),
         reach: Reachability::default(),

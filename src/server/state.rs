@@ -142,6 +142,9 @@ impl ServerState {
             deployment: id,
             start_fraction: crate::protocol::spread(slot),
             job,
+            token: String::new(),
+            origin: None,
+            disk: None,
         })
     }
 
@@ -203,6 +206,7 @@ impl ServerState {
         Ok(StatusAck {
             deployment_done: d.done_after.is_some(),
             stopped: d.stopped,
+            image_failed: None,
         })
     }
 
