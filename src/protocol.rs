@@ -172,6 +172,54 @@ impl fmt::Display for Size {
     }
 }
 
+impl DiskIdentity {
+    /// Longest identity string kept (udev's serials and paths are far shorter).
+    pub const MAX_FIELD: usize = 96;
+
+    /// Whether both name the same disk: the same size, and the same WWN where
+    /// both have one, else the same serial, else the same udev path. Two
+    /// disks that share none of these are never taken for one another.
+    pub fn same_disk(&self, other: &DiskIdentity) -> bool {
+        fn both<'a>(a: &'a Option<String>, b: &'a Option<String>) -> Option<(&'a str, &'a str)> {
+            Some((a.as_deref()?, b.as_deref()?))
+        }
+        self.size == other.size
+            && match (
+                both(&self.wwn, &other.wwn),
+                both(&self.serial, &other.serial),
+                both(&self.by_path, &other.by_path),
+            ) {
+                (Some((a, b)), _, _) | (None, Some((a, b)), _) | (None, None, Some((a, b))) => {
+                    a == b
+                }
+                (None, None, None) => false,
+            }
+    }
+
+    /// Whether every string is within [`Self::MAX_FIELD`] bytes.
+    pub fn is_bounded(&self) -> bool {
+        [&self.wwn, &self.serial, &self.by_path]
+            .iter()
+            .all(|f| f.as_ref().is_none_or(|s| s.len() <= Self::MAX_FIELD))
+    }
+}
+
+impl fmt::Display for DiskIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.size)?;
+        for (k, v) in [
+            ("wwn", &self.wwn),
+            ("serial", &self.serial),
+            ("path", &self.by_path),
+        ] {
+            if let Some(v) = v {
+                write!(f, ", {k} {v}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The server's answer to "what is my job?".
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobResponse {
@@ -308,6 +356,30 @@ mod tests {
             v.windows(2)
                 .all(|w| (w[1] - w[0] - 1.0 / 32.0).abs() < 1e-9)
         );
+    }
+
+    #[test]
+    fn disks_are_told_apart_by_the_strongest_name_both_have() {
+        let d = |wwn: Option<&str>, serial: Option<&str>, path: Option<&str>| DiskIdentity {
+            size: 100,
+            wwn: wwn.map(Into::into),
+            serial: serial.map(Into::into),
+            by_path: path.map(Into::into),
+        };
+        let a = d(Some("w1"), Some("s1"), Some("p1"));
+        assert!(a.same_disk(&a.clone()));
+        // A disk moved to another port is the same disk.
+        assert!(a.same_disk(&d(Some("w1"), Some("s1"), Some("p2"))));
+        assert!(!a.same_disk(&d(Some("w2"), Some("s1"), Some("p1"))));
+        assert!(a.same_disk(&d(None, Some("s1"), None)));
+        assert!(!a.same_disk(&d(None, Some("s2"), Some("p1"))));
+        // Without serial or WWN, the path decides.
+        assert!(d(None, None, Some("p1")).same_disk(&d(None, None, Some("p1"))));
+        assert!(!d(None, None, Some("p1")).same_disk(&d(None, None, Some("p2"))));
+        assert!(!d(None, None, None).same_disk(&d(None, None, None)));
+        let mut bigger = a.clone();
+        bigger.size += 1;
+        assert!(!a.same_disk(&bigger));
     }
 
     #[test]

@@ -67,3 +67,16 @@ pub fn parse_hex20(s: &str) -> Option<[u8; 20]> {
     }
     Some(out)
 }
+
+/// A point where fault tests (scripts/faults, tests/reimage.rs) cut the
+/// power: when `BLOCKSWARM_FAULT_PAUSE` names it, the process says so and
+/// stops there for good, until the test kills it (or the machine under it).
+/// Every write before the point has been flushed.
+pub fn fault_point(name: &str) {
+    if std::env::var_os("BLOCKSWARM_FAULT_PAUSE").is_some_and(|v| v == name) {
+        eprintln!("fault point {name}: pausing here (BLOCKSWARM_FAULT_PAUSE)");
+        loop {
+            std::thread::park();
+        }
+    }
+}

@@ -278,3 +278,56 @@ fn other_file_systems_through_partclone() {
         bt.len,
     );
 }
+
+/// The layout most installers make: the last partition runs to the last
+/// usable sector, so its last blocks share the disk's last MiB with the
+/// backup GPT. Finishing the target (the backup table written last) must
+/// not touch them, on a target of the same size, one sector larger and one
+/// MiB larger.
+#[test]
+fn last_partition_to_the_end_of_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let disk = {
+        let out = t.join("disk.img");
+        sh(Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/mkdisk"
+        ))
+        .arg(&out)
+        .arg("gpt-end")
+        .env("SCALE", "64")
+        .env("FILL", "88"));
+        out
+    };
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let image = t.join("image");
+    capture(&disk, &image, true);
+    let m = Image::open(&image).unwrap().manifest;
+    let end = m.extents().map(|e| e.end()).max().unwrap();
+    assert!(
+        end > size - (1 << 20),
+        "the fixture must have used blocks in the disk's last MiB (last ends {} bytes before the end)",
+        size - end
+    );
+    let (_seed, addr) = seed(&image, None);
+    for extra in [0, 512, 1 << 20] {
+        let tgt = t.join(format!("target-{extra}.img"));
+        blank_target(&tgt, size + extra, true);
+        receive(&image, &tgt, addr);
+        let out = bs_ok(&[
+            "verify",
+            image.to_str().unwrap(),
+            "--target",
+            tgt.to_str().unwrap(),
+        ]);
+        assert!(out.contains("pieces match"), "+{extra}: {out}");
+        // Past the first MiB, every used byte is the source's.
+        assert_extents_equal(&image, &disk, &tgt, &[(0, 1 << 20)]);
+        assert_untouched_outside(&image, &tgt);
+        check_target(&image, &disk, &tgt);
+        let v = sh(Command::new("sgdisk").arg("-v").arg(&tgt));
+        let v = String::from_utf8_lossy(&v.stdout);
+        assert!(v.contains("No problems found"), "+{extra}: sgdisk -v:\n{v}");
+    }
+}

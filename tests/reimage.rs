@@ -40,10 +40,16 @@ fn killed_agent_resumes_where_it_was() {
         "half the image",
     );
     drop(a); // SIGKILL, mid-download
-    // The half-written disk has no partition table and no file system at its start.
+    // The half-written disk has no partition table and no file system at
+    // its start: its first sector holds the in-progress marker, with no
+    // partition entries and no boot signature.
     let head = std::fs::read(&tgt).unwrap()[..1 << 20].to_vec();
     assert!(
-        head[..512].iter().all(|&b| b == 0),
+        head.starts_with(b"BLOCKSWARM-IN-PROGRESS"),
+        "no in-progress marker"
+    );
+    assert!(
+        head[446..512].iter().all(|&b| b == 0),
         "the MBR was written before the end"
     );
     let out = Command::new("blkid")
@@ -198,4 +204,70 @@ fn incremental_reimaging_fetches_only_changes() {
         "incremental: changed {changed} bytes of a {payload}-byte payload; fetched {inc_fetched} bytes for 2 hosts in {inc:.1} s \
          (full deployment: {full_fetched} bytes in {full:.1} s)"
     );
+}
+
+/// A power cut while the target is being finished: after the backup GPT,
+/// and after the boot area but before its first sector. Either way the disk
+/// shows no partition table and no file system (its first sector is still
+/// the in-progress marker), and the next run resumes and completes.
+#[test]
+fn power_cut_while_finishing_resumes() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, size, image) = captured(t.path(), "gpt", 16);
+    let (_seed, addr) = seed(&image, None);
+    for point in ["finish:backup-gpt", "finish:boot-area"] {
+        let tgt = t.path().join("pc.img");
+        blank_target(&tgt, size, true);
+        let log = t.path().join("receive.log");
+        let child = Command::new(bin())
+            .args(["receive", image.to_str().unwrap(), "--target"])
+            .arg(&tgt)
+            .args(["--peer", &addr.to_string()])
+            .env("BLOCKSWARM_FAULT_PAUSE", point)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let p = Proc(child);
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("fault point")
+        {
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "{point} never reached:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        drop(p); // SIGKILL: every write before the point was flushed
+        let head = std::fs::read(&tgt).unwrap()[..512].to_vec();
+        assert!(
+            head.starts_with(b"BLOCKSWARM-IN-PROGRESS"),
+            "{point}: sector 0 is not the marker"
+        );
+        assert!(head[446..].iter().all(|&b| b == 0), "{point}: a table");
+        let out = Command::new("blkid")
+            .args(["-p", "-o", "export"])
+            .arg(&tgt)
+            .output()
+            .unwrap();
+        let found = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !found.contains("PTTYPE") && !found.contains("TYPE="),
+            "{point}: the disk looks like something: {found}"
+        );
+        let out = bs_ok(&[
+            "receive",
+            image.to_str().unwrap(),
+            "--target",
+            tgt.to_str().unwrap(),
+            "--peer",
+            &addr.to_string(),
+        ]);
+        assert!(out.contains("resuming"), "{point}: {out}");
+        assert_extents_equal(&image, &disk, &tgt, &[]);
+        let v = sh(Command::new("sgdisk").arg("-v").arg(&tgt));
+        assert!(String::from_utf8_lossy(&v.stdout).contains("No problems found"));
+    }
 }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::protocol::TargetSelector;
+use crate::blockdev::Dev;
+use crate::protocol::{DiskIdentity, TargetSelector};
 use crate::util::human_bytes;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -54,34 +55,96 @@ pub fn discover() -> Result<Vec<Disk>> {
         {
             continue;
         }
-        let Some(node) = d.devnode() else { continue };
-        let prop = |k: &str| {
-            d.property_value(k)
-                .map(|v| v.to_string_lossy().into_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let attr = |k: &str| {
-            d.attribute_value(k)
-                .map(|v| v.to_string_lossy().trim().to_string())
-        };
-        let sectors: u64 = attr("size").and_then(|s| s.parse().ok()).unwrap_or(0);
-        if sectors == 0 {
-            continue;
+        if let Some(disk) = from_udev(&d) {
+            out.push(disk);
         }
-        out.push(Disk {
-            devnode: node.to_owned(),
-            size: sectors * 512,
-            by_path: prop("ID_PATH"),
-            serial: prop("ID_SERIAL_SHORT").or_else(|| prop("ID_SERIAL")),
-            wwn: prop("ID_WWN"),
-            model: prop("ID_MODEL").map(|m| m.replace('_', " ")),
-            bus: prop("ID_BUS").or_else(|| bus_from_path(prop("ID_PATH").as_deref())),
-            removable: attr("removable").as_deref() == Some("1"),
-            rotational: attr("queue/rotational").as_deref() == Some("1"),
-            read_only: attr("ro").as_deref() == Some("1"),
-        });
     }
     Ok(out)
+}
+
+/// What udev says of one block device; `None` without a node or a size.
+fn from_udev(d: &udev::Device) -> Option<Disk> {
+    let node = d.devnode()?;
+    // Bounded: these strings travel to the server and into the marker.
+    let prop = |k: &str| {
+        d.property_value(k)
+            .map(|v| v.to_string_lossy().into_owned())
+            .filter(|v| !v.is_empty() && v.len() <= DiskIdentity::MAX_FIELD)
+    };
+    let attr = |k: &str| {
+        d.attribute_value(k)
+            .map(|v| v.to_string_lossy().trim().to_string())
+    };
+    let sectors: u64 = attr("size").and_then(|s| s.parse().ok()).unwrap_or(0);
+    if sectors == 0 {
+        return None;
+    }
+    Some(Disk {
+        devnode: node.to_owned(),
+        size: sectors * 512,
+        by_path: prop("ID_PATH"),
+        serial: prop("ID_SERIAL_SHORT").or_else(|| prop("ID_SERIAL")),
+        wwn: prop("ID_WWN"),
+        model: prop("ID_MODEL").map(|m| m.replace('_', " ")),
+        bus: prop("ID_BUS").or_else(|| bus_from_path(prop("ID_PATH").as_deref())),
+        removable: attr("removable").as_deref() == Some("1"),
+        rotational: attr("queue/rotational").as_deref() == Some("1"),
+        read_only: attr("ro").as_deref() == Some("1"),
+    })
+}
+
+impl Disk {
+    pub fn identity(&self) -> DiskIdentity {
+        DiskIdentity {
+            size: self.size,
+            wwn: self.wwn.clone(),
+            serial: self.serial.clone(),
+            by_path: self.by_path.clone(),
+        }
+    }
+}
+
+/// The identity of an open target: udev's names for a block device, the
+/// canonical path for an image file (tests, demos).
+pub fn identify(dev: &Dev) -> DiskIdentity {
+    let from_udev = dev.rdev.and_then(|rdev| {
+        let d = udev::Device::from_devnum(udev::DeviceType::Block, rdev).ok()?;
+        from_udev(&d)
+    });
+    match from_udev {
+        Some(d) => DiskIdentity {
+            size: dev.size,
+            ..d.identity()
+        },
+        None => DiskIdentity {
+            size: dev.size,
+            wwn: None,
+            serial: None,
+            by_path: std::fs::canonicalize(&dev.path)
+                .ok()
+                .map(|p| p.display().to_string())
+                .filter(|p| p.len() <= DiskIdentity::MAX_FIELD),
+        },
+    }
+}
+
+/// The one disk that is `id`: a host held to the disk it started writing.
+pub fn find<'a>(disks: &'a [Disk], id: &DiskIdentity) -> Result<&'a Disk> {
+    let hits: Vec<&Disk> = disks
+        .iter()
+        .filter(|d| d.identity().same_disk(id))
+        .collect();
+    match hits[..] {
+        [d] => Ok(d),
+        [] => bail!(
+            "the disk this host was writing ({id}) is not present; refusing to write another. Disks seen:{}",
+            disks.iter().map(|d| format!("\n  {d}")).collect::<String>()
+        ),
+        _ => bail!(
+            "{} disks answer to the identity of the one this host was writing ({id}); refusing to guess",
+            hits.len()
+        ),
+    }
 }
 
 /// virtio and NVMe disks often lack ID_BUS; their path says what they are.
@@ -266,6 +329,20 @@ mod tests {
             ..Default::default()
         };
         assert!(select(&ds, &sel).is_ok());
+    }
+
+    #[test]
+    fn a_host_is_held_to_its_disk() {
+        let ds = vec![
+            disk("/dev/sda", 500, "ata", "A"),
+            disk("/dev/sdb", 1000, "ata", "B"),
+        ];
+        let was = ds[0].identity();
+        assert_eq!(find(&ds, &was).unwrap().devnode, PathBuf::from("/dev/sda"));
+        // The disk it was writing is gone: no other is taken, though the
+        // default selector would now pick /dev/sdb.
+        let e = find(&ds[1..], &was).unwrap_err().to_string();
+        assert!(e.contains("not present") && e.contains("serial A"), "{e}");
     }
 
     #[test]

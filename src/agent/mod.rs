@@ -7,27 +7,26 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
+pub mod choose;
 pub mod client;
 pub mod disks;
 pub mod receive;
 pub mod safety;
+pub mod target;
 pub mod verify;
-pub mod write;
 
-use crate::blockdev;
 use crate::protocol::{
     AgentState, JobResponse, PostAction, SeedPolicy, StatusAck, StatusReport, Verify,
 };
-use crate::storage::DeviceStorage;
 use crate::swarm::{SwarmConfig, SwarmSession, Torrent};
 use crate::util::human_bytes;
 use client::{Client, Reachability};
+use target::{Start, Target};
 
 pub struct AgentOptions {
     pub server: String,
@@ -125,45 +124,28 @@ async fn deploy(
     rep.send(AgentState::SelectingDisk, None, None).await;
     let path = match &opts.target {
         Some(t) => t.clone(),
-        None => {
-            let all = disks::discover()?;
-            let d = disks::select(&all, &j.target)?;
-            info!("target disk: {d}");
-            d.devnode.clone()
-        }
+        None => choose::disk(job, &image)?,
     };
-    safety::check_disk(&path)?;
-    let dev = blockdev::open_target(&path)?;
-    write::check_target(&dev, &image)?;
-    rep.base.target = Some(path.display().to_string());
-    let map = m.payload_map()?;
-
-    // A disk holding an interrupted run of this image, or an incremental
-    // job, keeps what it has: the swarm checks it all and fetches the rest.
-    let resume = write::has_marker(&dev, &m.payload.info_hash);
-    let keep = resume || j.incremental;
-    let old_head = if j.incremental && !resume {
-        Some(write::read_head(&dev)?)
-    } else {
-        None
-    };
-    write::wipe_ends(&dev)?;
-    write::write_marker(&dev, &m.payload.info_hash)?;
-    let storage = DeviceStorage::writer(Arc::new(dev.file.try_clone()?), map, !keep);
-    if let Some(h) = &old_head {
-        storage.set_head(h);
+    let mut target = Target::open(&path, &image)?;
+    choose::check_recorded(job, target.identity(), &path)?;
+    if opts.target.is_none() {
+        choose::record(job, &image, target.identity())?;
     }
+    // The server hears which disk this is before anything is written to it.
+    rep.base.target = Some(path.display().to_string());
+    rep.base.disk = Some(target.identity().clone());
+    rep.send(AgentState::Checking, None, None).await;
+
+    let (start, storage) = target.prepare(j.incremental)?;
     info!(
         "{}: {} of {} to write{}",
         path.display(),
         human_bytes(m.payload.size),
         human_bytes(m.disk.size),
-        if resume {
-            " (resuming: checking what is there)"
-        } else if j.incremental {
-            " (incremental: checking what is there)"
-        } else {
-            ""
+        match start {
+            Start::Resume => " (resuming: checking what is there)",
+            Start::Incremental => " (incremental: checking what is there)",
+            Start::Fresh => "",
         }
     );
 
@@ -188,15 +170,13 @@ async fn deploy(
         storage.written(),
         p.total_bytes.saturating_sub(storage.written())
     );
+    rep.send(AgentState::Finishing, Some(&torrent), None).await;
     if j.verify == Verify::Readback {
         rep.send(AgentState::Verifying, Some(&torrent), None).await;
-        let (img, st, f) = (image.clone(), storage.clone(), dev.file.try_clone()?);
-        tokio::task::spawn_blocking(move || verify::readback(&img, &st, &f)).await??;
-        info!("read-back verification passed");
     }
-    rep.send(AgentState::Finishing, Some(&torrent), None).await;
-    write::finish(&dev, &image, storage.take_head().unwrap_or_default())?;
-    info!("{} is imaged and bootable", path.display());
+    let verify = j.verify;
+    tokio::task::spawn_blocking(move || target.finish(verify)).await??;
+    info!("{} is imaged, read back and bootable", path.display());
 
     seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
     session.stop().await;

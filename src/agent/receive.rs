@@ -1,16 +1,14 @@
 //! `receive`: write an image from the swarm straight onto a target.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tracing::info;
 
-use super::write;
-use crate::blockdev;
+use super::target::{Start, Target};
 use crate::image::Image;
-use crate::storage::DeviceStorage;
+use crate::protocol::Verify;
 use crate::swarm::{Swarm, SwarmConfig};
 use crate::util::human_bytes;
 
@@ -20,30 +18,29 @@ pub struct ReceiveOptions<'a> {
     pub swarm: SwarmConfig,
 }
 
-/// Returns the swarm, still seeding, once the target is complete.
+/// Returns the swarm, still seeding, once the target is complete, checked
+/// and bootable. The target goes through the same checks and steps as the
+/// agent's ([`Target`]): an interrupted receive resumes.
 pub async fn receive(opts: ReceiveOptions<'_>) -> Result<Swarm> {
     let image = Image::open(opts.image)?;
-    let dev = blockdev::open_target(opts.target)?;
-    write::check_target(&dev, &image)?;
-    let map = image.manifest.payload_map()?;
-    if map.device_end() > dev.size {
-        bail!(
-            "the image's blocks reach byte {}, past the end of {}",
-            map.device_end(),
-            dev.path.display()
+    let mut target = Target::open(opts.target, &image)?;
+    let (start, storage) = target.prepare(false)?;
+    if start == Start::Resume {
+        info!(
+            "{}: resuming an interrupted run of this image",
+            target.path().display()
         );
     }
-    write::wipe_ends(&dev)?;
-    let storage = DeviceStorage::writer(Arc::new(dev.file.try_clone()?), map, true);
     let t0 = Instant::now();
     let swarm = Swarm::join(&image, &storage, &opts.swarm).await?;
     watch_progress(&swarm).await?;
-    let head = storage.take_head().unwrap_or_default();
-    write::finish(&dev, &image, head)?;
+    let target =
+        tokio::task::spawn_blocking(move || target.finish(Verify::Pieces).map(|()| target))
+            .await??;
     let secs = t0.elapsed().as_secs_f64();
     info!(
         "{} complete: {} in {:.1} s ({}/s)",
-        dev.path.display(),
+        target.path().display(),
         human_bytes(image.manifest.payload.size),
         secs,
         human_bytes((image.manifest.payload.size as f64 / secs) as u64)

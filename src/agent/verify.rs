@@ -6,7 +6,8 @@ use librqbit_core::torrent_metainfo::torrent_from_bytes;
 use crate::image::Image;
 use crate::image::table::TableKind;
 use crate::image::torrent::{PayloadReader, device_reader, hash_payload};
-use crate::storage::{DeviceStorage, HEAD_LEN};
+use crate::storage::HEAD_LEN;
+use sha1w::ISha1;
 
 /// Indices of the pieces whose bytes, read through `read`, fail their hash.
 pub fn bad_pieces(image: &Image, read: PayloadReader) -> Result<Vec<usize>> {
@@ -19,27 +20,33 @@ pub fn bad_pieces(image: &Image, read: PayloadReader) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// The agent's read-back pass, before the boot area is written: the held
-/// head from memory, the rest from the disk after dropping it from the cache.
-pub fn readback(image: &Image, storage: &DeviceStorage, disk: &std::fs::File) -> Result<()> {
-    disk.sync_data()?;
-    // Best effort: without it the pass may read the page cache.
-    let _ = nix::fcntl::posix_fadvise(
-        disk,
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-    let read = |off: u64, buf: &mut [u8]| storage.read(off, buf);
-    let bad = bad_pieces(image, &read)?;
-    if let Some(first) = bad.first() {
-        bail!(
-            "read-back: {} of {} pieces differ on disk (first: piece {first})",
-            bad.len(),
-            image.manifest.payload.piece_count
-        );
+/// Indices among `pieces` (ascending) whose bytes, read through `read`,
+/// fail their hash. All of them at once are hashed on every core.
+pub fn bad_pieces_among(
+    image: &Image,
+    read: PayloadReader,
+    pieces: &[usize],
+) -> Result<Vec<usize>> {
+    let m = &image.manifest;
+    if pieces.len() as u64 == m.payload.piece_count {
+        return bad_pieces(image, read);
     }
-    Ok(())
+    let t = torrent_from_bytes(&image.torrent).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let want = t.info.data.pieces.as_ref();
+    let plen = u64::from(m.payload.piece_length);
+    let mut buf = vec![0u8; m.payload.piece_length as usize];
+    let mut bad = Vec::new();
+    for &i in pieces {
+        let off = i as u64 * plen;
+        let buf = &mut buf[..plen.min(m.payload.size - off) as usize];
+        read(off, buf)?;
+        let mut h = sha1w::Sha1::new();
+        h.update(buf);
+        if h.finish()[..] != want[i * 20..i * 20 + 20] {
+            bad.push(i);
+        }
+    }
+    Ok(bad)
 }
 
 /// Checks a finished disk (`blockswarm verify`). On a GPT disk of another

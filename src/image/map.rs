@@ -78,6 +78,22 @@ impl PayloadMap {
         self.extents.last().map(Extent::end).unwrap_or(0)
     }
 
+    /// The payload ranges `(offset, len)` whose device bytes lie in
+    /// `[dev_start, dev_end)`, in payload order.
+    pub fn payload_ranges(&self, dev_start: u64, dev_end: u64) -> Vec<(u64, u64)> {
+        let first = self.extents.partition_point(|e| e.end() <= dev_start);
+        self.extents[first..]
+            .iter()
+            .zip(&self.payload_starts[first..])
+            .take_while(|(e, _)| e.start < dev_end)
+            .map(|(e, &p)| {
+                let lo = e.start.max(dev_start);
+                let hi = e.end().min(dev_end);
+                (p + (lo - e.start), hi - lo)
+            })
+            .collect()
+    }
+
     /// Splits the payload range `[offset, offset+len)` into device segments.
     pub fn segments(&self, offset: u64, len: usize) -> Result<Segments<'_>> {
         match offset.checked_add(len as u64) {
@@ -163,6 +179,20 @@ mod tests {
         );
         assert!(m.segments(30, 6).is_err());
         assert_eq!(m.segments(35, 0).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn device_ranges_back_to_payload() {
+        let m = PayloadMap::new(vec![
+            Extent::new(100, 10),
+            Extent::new(200, 5),
+            Extent::new(300, 20),
+        ])
+        .unwrap();
+        assert_eq!(m.payload_ranges(0, 100), vec![]);
+        assert_eq!(m.payload_ranges(105, 202), vec![(5, 5), (10, 2)]);
+        assert_eq!(m.payload_ranges(310, 1000), vec![(25, 10)]);
+        assert_eq!(m.payload_ranges(320, 1000), vec![]);
     }
 
     #[test]

@@ -227,15 +227,24 @@ fn guid_string(g: &[u8; 16]) -> String {
 
 /// A GPT refitted to a target disk, ready to write: the primary header and
 /// entries go into the boot area (`head`, device bytes from 0), the backup
-/// into `tail` (the last bytes of the disk).
+/// entries and header into `backup` at `backup_start`, the sectors after the
+/// last usable one. Nothing else of the disk's end is written: the last
+/// partition may run up to those sectors.
+#[derive(Debug)]
 pub struct FittedGpt {
-    pub tail_start: u64,
-    pub tail: Vec<u8>,
+    pub backup_start: u64,
+    pub backup: Vec<u8>,
+}
+
+impl FittedGpt {
+    pub fn end(&self) -> u64 {
+        self.backup_start + self.backup.len() as u64
+    }
 }
 
 /// Rewrites the GPT in `head` for a disk of `disk_size` bytes: backup header
-/// at the last LBA, last usable LBA at the end of the disk, fresh CRCs.
-/// Returns the backup area to write at the end of the disk.
+/// at the last LBA, last usable LBA before the backup entries, fresh CRCs.
+/// Returns the backup table to write at the end of the disk.
 pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
     let tail_len = (1u64 << 20).min(disk_size);
     let mut vdisk = VirtualDisk {
@@ -258,10 +267,17 @@ pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
     }
     gpt.write_into(&mut vdisk)
         .context("writing the fitted GPT")?;
+    let backup_start = (gpt.header.last_usable_lba + 1) * ss;
+    let backup_end = (gpt.header.backup_lba + 1) * ss;
+    if backup_start < vdisk.tail_start || backup_end > disk_size {
+        bail!("the backup GPT ({backup_start}..{backup_end}) is not within the disk's last MiB");
+    }
+    let off = (backup_start - vdisk.tail_start) as usize;
+    let backup = vdisk.tail[off..off + (backup_end - backup_start) as usize].to_vec();
     fit_protective_mbr(vdisk.head, disk_size / ss);
     Ok(FittedGpt {
-        tail_start: vdisk.tail_start,
-        tail: vdisk.tail,
+        backup_start,
+        backup,
     })
 }
 
