@@ -151,13 +151,18 @@ enum AdminSub {
     SetJob { mac: String, job: PathBuf },
 }
 
+/// Exit codes: 0 done; 1 failed; 2 bad command line (clap);
+/// 3 the target disk failed (`agent`; /init does not retry it).
 fn main() -> ExitCode {
     init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<blockswarm::agent::DiskFailed>() {
+                Some(_) => ExitCode::from(blockswarm::agent::DiskFailed::EXIT_CODE),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -10,6 +10,12 @@
 //!   are kept in memory and written only by [`DeviceStorage::take_head`]'s
 //!   caller, after the whole image is verified. A half-imaged disk never boots
 //!   and never looks like a good one.
+//! - **Flushed as it goes.** A target is flushed every [`FLUSH_BYTES`] or
+//!   [`FLUSH_EVERY`]: a failing disk shows within seconds, and the error names
+//!   the device ranges written since the last good flush (buffered writes
+//!   fail at writeback, not at the write). The first I/O error is kept
+//!   ([`DeviceStorage::io_error`]) so that the caller can tell a failing disk
+//!   from a failing network.
 //! - **No initial check on a fresh target.** A storage created with
 //!   `fresh = true` holds nothing yet, so the swarm starts downloading at once
 //!   instead of hashing garbage. With `fresh = false` (seed, resume,
@@ -19,6 +25,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -26,6 +33,12 @@ use crate::image::map::PayloadMap;
 
 /// Bytes at the start of a target that are held in memory until the end.
 pub const HEAD_LEN: u64 = 1 << 20;
+/// A target is flushed once this much was written since its last flush...
+pub const FLUSH_BYTES: u64 = 64 << 20;
+/// ... or this long after the first write since then.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// Ranges named in a flush error at most (the span covers all of them).
+const NAMED_RANGES: usize = 4;
 
 #[derive(Clone)]
 pub struct DeviceStorage {
@@ -42,6 +55,52 @@ struct Inner {
     head_len: AtomicU64,
     fresh: bool,
     written: AtomicU64,
+    unflushed: Mutex<Unflushed>,
+    /// The first read, write or flush error of the device.
+    io_error: Mutex<Option<String>>,
+}
+
+/// Device ranges written since the last flush, merged where they touch.
+#[derive(Default)]
+struct Unflushed {
+    ranges: Vec<(u64, u64)>,
+    bytes: u64,
+    since: Option<Instant>,
+}
+
+impl Unflushed {
+    fn add(&mut self, start: u64, len: u64) {
+        self.bytes += len;
+        self.since.get_or_insert_with(Instant::now);
+        match self.ranges.last_mut() {
+            Some((_, end)) if *end == start => *end += len,
+            _ => self.ranges.push((start, start + len)),
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.bytes >= FLUSH_BYTES || self.since.is_some_and(|t| t.elapsed() >= FLUSH_EVERY)
+    }
+
+    /// "device bytes 4096..8192, 1048576..2097152 and 3 more ranges (within 4096..9437184)".
+    fn describe(&self) -> String {
+        let mut r = self.ranges.clone();
+        r.sort_unstable();
+        let named: Vec<String> = r
+            .iter()
+            .take(NAMED_RANGES)
+            .map(|(a, b)| format!("{a}..{b}"))
+            .collect();
+        let mut s = format!("device bytes {}", named.join(", "));
+        if r.len() > NAMED_RANGES {
+            let (lo, hi) = (r[0].0, r.iter().map(|x| x.1).max().unwrap_or(0));
+            s.push_str(&format!(
+                " and {} more ranges (all within {lo}..{hi})",
+                r.len() - NAMED_RANGES
+            ));
+        }
+        s
+    }
 }
 
 impl DeviceStorage {
@@ -71,6 +130,8 @@ impl DeviceStorage {
                 head_len: AtomicU64::new(head_len),
                 fresh,
                 written: AtomicU64::new(0),
+                unflushed: Mutex::default(),
+                io_error: Mutex::default(),
             }),
         }
     }
@@ -107,8 +168,59 @@ impl DeviceStorage {
         self.inner.map.len()
     }
 
+    /// The first I/O error of the device, if any: the disk, not the swarm,
+    /// failed.
+    pub fn io_error(&self) -> Option<String> {
+        self.inner
+            .io_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note_error<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.inner
+                .io_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| format!("{e:#}"));
+        }
+        r
+    }
+
+    /// Flushes the device's written bytes now. A failure names the device
+    /// ranges written since the last good flush: one of them failed.
+    pub fn flush(&self) -> Result<()> {
+        let mut u = self
+            .inner
+            .unflushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if u.bytes == 0 {
+            return Ok(());
+        }
+        let r = self.inner.file.sync_data().map_err(|e| {
+            anyhow::anyhow!(
+                "the target failed to write {} ({} bytes written since its last flush): {e}",
+                u.describe(),
+                u.bytes
+            )
+        });
+        if r.is_ok() {
+            *u = Unflushed::default();
+        }
+        drop(u);
+        self.note_error(r)
+    }
+
     /// Reads payload bytes, from the held head or the device.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let r = self.read_inner(offset, buf);
+        self.note_error(r)
+    }
+
+    fn read_inner(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.io(offset, buf.len(), |dev_off, range, head| match head {
             Some(h) => {
                 buf[range.clone()]
@@ -125,28 +237,42 @@ impl DeviceStorage {
         })
     }
 
-    /// Writes payload bytes: into the held head or onto the device.
+    /// Writes payload bytes: into the held head or onto the device; flushes
+    /// the device when a flush is due.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         if !self.inner.writable {
             bail!("the seed's source is read-only");
         }
-        self.io(offset, buf.len(), |dev_off, range, head| match head {
+        let r = self.io(offset, buf.len(), |dev_off, range, head| match head {
             Some(h) => {
                 h[dev_off as usize..dev_off as usize + range.len()].copy_from_slice(&buf[range]);
                 Ok(())
             }
-            None => self
-                .inner
-                .file
-                .write_all_at(&buf[range.clone()], dev_off)
-                .with_context(|| {
-                    format!("writing {} bytes at device offset {dev_off}", range.len())
-                }),
-        })?;
+            None => {
+                let len = range.len();
+                self.inner
+                    .file
+                    .write_all_at(&buf[range], dev_off)
+                    .with_context(|| format!("writing {len} bytes at device offset {dev_off}"))?;
+                self.inner
+                    .unflushed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add(dev_off, len as u64);
+                Ok(())
+            }
+        });
+        self.note_error(r)?;
         self.inner
             .written
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(())
+        let due = self
+            .inner
+            .unflushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .due();
+        if due { self.flush() } else { Ok(()) }
     }
 
     /// Walks the device segments of a payload range, splitting off the part
@@ -217,6 +343,27 @@ mod tests {
         assert_eq!(&head[(1 << 20) - 100..], &[1u8; 100]);
         assert!(head[..512].iter().all(|&x| x == 0));
         assert!(s.read(800, &mut [0u8; 13]).is_err(), "past the payload");
+    }
+
+    #[test]
+    fn a_failed_flush_names_what_was_written_since_the_last() {
+        let mut u = Unflushed::default();
+        u.add(4096, 4096);
+        u.add(8192, 4096);
+        u.add(1 << 20, 512);
+        assert_eq!(u.describe(), "device bytes 4096..12288, 1048576..1049088");
+        for i in 0..5 {
+            u.add((10 + 2 * i) << 20, 512);
+        }
+        assert!(
+            u.describe()
+                .ends_with("and 3 more ranges (all within 4096..18874880)"),
+            "{}",
+            u.describe()
+        );
+        assert!(!u.due());
+        u.add(100 << 20, FLUSH_BYTES);
+        assert!(u.due());
     }
 
     #[test]

@@ -28,6 +28,17 @@ use crate::util::human_bytes;
 use client::{Client, Reachability};
 use target::{Start, Target};
 
+/// The target disk failed (an I/O error, or it did not keep what was
+/// written): trying again on this PC will not help. `blockswarm agent` exits
+/// with [`DiskFailed::EXIT_CODE`] for it, and /init does not retry.
+#[derive(Debug, thiserror::Error)]
+#[error("the target disk failed: {0}")]
+pub struct DiskFailed(pub String);
+
+impl DiskFailed {
+    pub const EXIT_CODE: u8 = 3;
+}
+
 pub struct AgentOptions {
     pub server: String,
     /// Default: BOOTIF from the kernel command line, else the first NIC.
@@ -160,7 +171,10 @@ async fn deploy(
     let result = download(rep, &torrent).await;
     if let Err(e) = result {
         session.stop().await;
-        return Err(e);
+        return Err(match storage.io_error() {
+            Some(io) => DiskFailed(io).into(),
+            None => e,
+        });
     }
     let p = torrent.progress();
     info!(
@@ -175,7 +189,9 @@ async fn deploy(
         rep.send(AgentState::Verifying, Some(&torrent), None).await;
     }
     let verify = j.verify;
-    tokio::task::spawn_blocking(move || target.finish(verify)).await??;
+    tokio::task::spawn_blocking(move || target.finish(verify))
+        .await?
+        .map_err(|e| DiskFailed(format!("{e:#}")))?;
     info!("{} is imaged, read back and bootable", path.display());
 
     seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;

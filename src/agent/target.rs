@@ -255,7 +255,7 @@ impl Target {
         let dev = &self.dev;
         let image_head = storage.take_head().unwrap_or_default();
         let mut head = image_head.clone();
-        dev.file.sync_data().context("flushing the image data")?;
+        storage.flush()?;
         let backup = match self.image.manifest.disk.table.kind {
             TableKind::Gpt => Some(table::fit_gpt(&mut head, dev.size, dev.sector_size)?),
             _ => None,
