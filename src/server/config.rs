@@ -21,7 +21,7 @@ pub struct ServerConfig {
     pub images: PathBuf,
     /// Bearer token for the admin API; without one the admin API is off.
     pub admin_token: Option<String>,
-    /// "builtin", or an external announce URL (e.g. opentracker's).
+    /// "builtin", or an external HTTP announce URL (e.g. opentracker's).
     #[serde(default = "default_tracker")]
     pub tracker: String,
     /// Announce interval handed to peers, in seconds.
@@ -121,12 +121,16 @@ impl ServerConfig {
         if let Some(w) = macs.windows(2).find(|w| w[0] == w[1]) {
             bail!("host {} is listed twice", w[0]);
         }
-        if c.tracker != "builtin"
-            && !c.tracker.starts_with("http://")
-            && !c.tracker.starts_with("udp://")
-        {
+        if c.tracker.starts_with("udp://") {
             bail!(
-                "tracker: {:?} is neither \"builtin\" nor an http:// or udp:// announce URL",
+                "tracker: {:?}: UDP trackers (BEP 15) are not supported; use \"builtin\", \
+                 or the tracker's http:// announce URL (opentracker answers over HTTP too)",
+                c.tracker
+            );
+        }
+        if c.tracker != "builtin" && !c.tracker.starts_with("http://") {
+            bail!(
+                "tracker: {:?} is neither \"builtin\" nor an http:// announce URL",
                 c.tracker
             );
         }
@@ -213,5 +217,19 @@ mod tests {
         assert!(e.contains("not a MAC"), "{e}");
         let e = format!("{:#}", ServerConfig::parse("[[host]]\nmac = \"52:54:00:00:00:01\"\n[host.job]\nimage = \"a\"\nverify = \"twice\"").unwrap_err());
         assert!(e.contains("verify"), "{e}");
+    }
+
+    #[test]
+    fn udp_trackers_are_refused() {
+        let e = format!(
+            "{:#}",
+            ServerConfig::parse("tracker = \"udp://10.0.0.1:6969/announce\"").unwrap_err()
+        );
+        assert!(
+            e.contains("UDP trackers (BEP 15) are not supported") && e.contains("http://"),
+            "{e}"
+        );
+        let c = ServerConfig::parse("tracker = \"http://10.0.0.1:6969/announce\"").unwrap();
+        assert_eq!(c.announce_url(), "http://10.0.0.1:6969/announce");
     }
 }
