@@ -53,6 +53,12 @@ pub struct ServerConfig {
     /// e.g. "blockswarm.on_fail=shell".
     #[serde(default)]
     pub boot_args: String,
+    /// Open HTTP connections at most, and from one address; past either,
+    /// a new connection is closed at once. A PC holds two or three.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +98,12 @@ fn default_seed_listen() -> SocketAddr {
 }
 fn default_boot_dir() -> PathBuf {
     "boot".into()
+}
+fn default_max_connections() -> usize {
+    2048
+}
+fn default_max_connections_per_ip() -> usize {
+    64
 }
 fn default_wol() -> SocketAddr {
     "255.255.255.255:9".parse().expect("valid")
@@ -133,6 +145,9 @@ impl ServerConfig {
                 "tracker: {:?} is neither \"builtin\" nor an http:// announce URL",
                 c.tracker
             );
+        }
+        if c.max_connections == 0 || c.max_connections_per_ip == 0 {
+            bail!("max_connections, max_connections_per_ip: must be at least 1");
         }
         if c.announce_interval == 0 {
             bail!("announce_interval: must be at least 1 second");

@@ -1,7 +1,6 @@
 //! The boot server: image store and seeding, HTTP API, tracker, dashboard.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod dashboard;
+pub mod http;
 pub mod metrics;
 pub mod seed;
 pub mod state;
@@ -51,7 +51,8 @@ pub async fn serve(
         true,
     )
     .await?;
-    let state = Arc::new(ServerState::new(cfg, seeds));
+    let counters = Arc::new(metrics::Counters::default());
+    let state = Arc::new(ServerState::new(cfg, seeds, counters.clone()));
     info!(
         "serving {} on http://{} (dashboard at {}/), tracker {}, seeds on {}",
         state.config.images.display(),
@@ -64,13 +65,21 @@ pub async fn serve(
         state.start_deployment((n > 0).then_some(n)).await;
     }
     let scanner = tokio::spawn(scan_loop(state.clone()));
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = http::Limits {
+        total: state.config.max_connections,
+        per_ip: state.config.max_connections_per_ip,
+    };
+    http::serve(
+        listener,
+        api::router(state.clone()),
+        limits,
+        counters,
+        shutdown,
+    )
+    .await;
     scanner.abort();
     state.seeds.stop().await;
-    r.context("HTTP server")
+    Ok(())
 }
 
 async fn scan_loop(state: Arc<ServerState>) {

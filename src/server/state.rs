@@ -2,6 +2,7 @@
 //! HTTP handlers only translate to and from these methods.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -9,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::RwLock;
 
 use super::config::{ServerConfig, normalize_mac};
+use super::metrics::Counters;
 use super::store::{SeedState, StoredImage};
 use super::tracker::Tracker;
 use crate::protocol::{AgentState, Job, JobResponse, StatusAck, StatusReport};
@@ -19,6 +21,7 @@ pub struct ServerState {
     pub images: RwLock<BTreeMap<String, StoredImage>>,
     pub tracker: Tracker,
     pub seeds: SwarmSession,
+    pub counters: Arc<Counters>,
     /// Jobs by MAC: from the config, changed by the admin API.
     jobs: RwLock<BTreeMap<String, Job>>,
     names: BTreeMap<String, String>,
@@ -82,7 +85,7 @@ pub struct ImageView {
 }
 
 impl ServerState {
-    pub fn new(config: ServerConfig, seeds: SwarmSession) -> Self {
+    pub fn new(config: ServerConfig, seeds: SwarmSession, counters: Arc<Counters>) -> Self {
         let mut jobs = BTreeMap::new();
         let mut names = BTreeMap::new();
         for h in &config.hosts {
@@ -95,6 +98,7 @@ impl ServerState {
         }
         Self {
             tracker: Tracker::new(Duration::from_secs(config.announce_interval)),
+            counters,
             config,
             images: RwLock::default(),
             seeds,

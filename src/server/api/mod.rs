@@ -1,14 +1,14 @@
 //! HTTP: the agents' read-only API, the admin API, tracker, dashboard, metrics.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::{Extension, Router};
 
+use super::http::Conn;
 use super::state::ServerState;
 
 pub mod admin;
@@ -37,10 +37,12 @@ pub fn router(state: AppState) -> Router {
 
 async fn announce(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(c): Extension<Conn>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let body = s.tracker.announce(q.as_deref().unwrap_or(""), peer.ip());
+    let body = s
+        .tracker
+        .announce(q.as_deref().unwrap_or(""), c.remote.ip());
     ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
