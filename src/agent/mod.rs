@@ -100,6 +100,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let job = client.wait_for_job(&mac, |_| {}).await;
     rep.base.deployment = Some(job.deployment);
     rep.base.image = Some(job.job.image.clone());
+    rep.base.token = job.token.clone();
     match deploy(&client, &mut rep, &job, &opts).await {
         Ok(post) => {
             rep.send(AgentState::Done, None, None).await;

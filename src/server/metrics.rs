@@ -12,6 +12,8 @@ use super::api::AppState;
 /// Counters kept on the hot paths.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Status reports ignored: no valid token for their host.
+    pub reports_refused: AtomicU64,
     /// Connections closed at once: too many open, in all or from one address.
     pub connections_refused: AtomicU64,
     pub connections_open: AtomicU64,
@@ -129,6 +131,12 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     );
     let c = &s.counters;
     let count = |a: &AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed) as f64)];
+    metric(
+        "status_reports_refused_total",
+        "Status reports ignored for want of a valid host token.",
+        "counter",
+        count(&c.reports_refused),
+    );
     metric(
         "http_connections_refused_total",
         "HTTP connections closed at once: too many open, in all or from one address.",

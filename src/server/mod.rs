@@ -16,11 +16,17 @@ pub mod metrics;
 pub mod seed;
 pub mod state;
 pub mod store;
+pub mod token;
 pub mod tracker;
 pub mod wol;
 
 use config::ServerConfig;
 use state::ServerState;
+
+/// Hosts the server keeps track of at most: in the deployment, in the
+/// hosts' reports, in each swarm. Far above a room; each host needs a token,
+/// so a job, but with a default job any MAC has one.
+pub const MAX_HOSTS: usize = 2048;
 
 /// How often the store folder is rescanned.
 const SCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -82,22 +88,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// Keeps the images in line with the store, the tracker with the images,
+/// and forgets hosts long gone.
 async fn scan_loop(state: Arc<ServerState>) {
     let mut failures = BTreeMap::new();
     loop {
-        let changes = store::sync(&state.config, &state.seeds, &state.images, &mut failures).await;
-        for (name, hash) in changes {
-            let len = state
-                .images
-                .read()
-                .await
-                .get(&name)
-                .map(|i| i.image.manifest.payload.size);
-            if let (Some(h), Some(len)) = (hash, len) {
-                state.tracker.allow(h, len);
-            }
-        }
+        store::sync(&state.config, &state.seeds, &state.images, &mut failures).await;
         store::update_states(&state.seeds, &state.images).await;
+        let tracked: Vec<_> = state
+            .images
+            .read()
+            .await
+            .values()
+            .filter_map(|s| {
+                let h = crate::util::parse_hex20(&s.image.manifest.payload.info_hash)?;
+                Some((h, s.state == store::SeedState::Seeding))
+            })
+            .collect();
+        state.tracker.set_images(tracked);
+        state.prune_hosts().await;
         tokio::time::sleep(SCAN_INTERVAL).await;
     }
 }

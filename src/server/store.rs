@@ -202,8 +202,11 @@ async fn add(
     device: Option<&Path>,
 ) -> Result<(PathBuf, Torrent)> {
     let (src, storage) = open_source(img, device)?;
+    // The built-in tracker lists the server's seed itself, from what the
+    // server knows; an external one must hear of it.
     let swarm_cfg = SwarmConfig {
         trackers: vec![cfg.announce_url()],
+        disable_trackers: cfg.tracker == "builtin",
         ..Default::default()
     };
     let t = session

@@ -1,5 +1,6 @@
 //! HTTP: the agents' read-only API, the admin API, tracker, dashboard, metrics.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
@@ -40,9 +41,15 @@ async fn announce(
     Extension(c): Extension<Conn>,
     RawQuery(q): RawQuery,
 ) -> Response {
+    let origin = match s.origin_for(c.local.ip()) {
+        Some(SocketAddr::V4(a)) => Some(a),
+        _ => None,
+    };
     let body = s
         .tracker
-        .announce(q.as_deref().unwrap_or(""), c.remote.ip());
+        .announce(q.as_deref().unwrap_or(""), c.remote.ip(), origin, |t| {
+            s.keys.check(t).map(|h| h.mac)
+        });
     ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
