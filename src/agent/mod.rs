@@ -195,7 +195,11 @@ async fn deploy(
         tokio::task::spawn_blocking(move || verify::readback(&img, &st, &f)).await??;
         info!("read-back verification passed");
     }
-    rep.send(AgentState::Finishing, Some(&torrent), None).await;
+    let ack = rep.send(AgentState::Finishing, Some(&torrent), None).await;
+    if let Some(why) = ack.and_then(|a| a.image_failed) {
+        session.stop().await;
+        anyhow::bail!("{why}");
+    }
     write::finish(&dev, &image, storage.take_head().unwrap_or_default())?;
     info!("{} is imaged and bootable", path.display());
 
@@ -214,8 +218,12 @@ async fn download(rep: &mut Reporter, torrent: &Torrent) -> Result<()> {
             _ = tick.tick() => {
                 torrent.check_error()?;
                 let state = if torrent.is_live() { AgentState::Downloading } else { AgentState::Checking };
-                if let Some(ack) = rep.send(state, Some(torrent), None).await && ack.stopped {
+                let Some(ack) = rep.send(state, Some(torrent), None).await else { continue };
+                if ack.stopped {
                     anyhow::bail!("the deployment was stopped by the admin");
+                }
+                if let Some(why) = ack.image_failed {
+                    anyhow::bail!("{why}");
                 }
             }
         }
@@ -233,6 +241,10 @@ async fn seed_after(rep: &mut Reporter, torrent: &Torrent, policy: SeedPolicy, c
     let t0 = Instant::now();
     while t0.elapsed() < limit {
         let ack = rep.send(AgentState::Seeding, Some(torrent), None).await;
+        if let Some(why) = ack.as_ref().and_then(|a| a.image_failed.as_ref()) {
+            warn!("{why}; stopping the seed");
+            return;
+        }
         if policy == SeedPolicy::Deployment && ack.is_some_and(|a| a.deployment_done || a.stopped) {
             info!("the deployment is done; stopping the seed");
             return;

@@ -91,9 +91,9 @@ pub async fn serve(
 /// Keeps the images in line with the store, the tracker with the images,
 /// and forgets hosts long gone.
 async fn scan_loop(state: Arc<ServerState>) {
-    let mut failures = BTreeMap::new();
+    let mut log = BTreeMap::new();
     loop {
-        store::sync(&state.config, &state.seeds, &state.images, &mut failures).await;
+        store::sync(&state.config, &state.seeds, &state.images, &mut log).await;
         store::update_states(&state.seeds, &state.images).await;
         let tracked: Vec<_> = state
             .images

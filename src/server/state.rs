@@ -182,17 +182,22 @@ impl ServerState {
         if !matches!(&*self.deployment.read().await, Some(d) if !d.stopped) {
             return Err(JobError::NotStarted("no deployment is running".into()));
         }
-        let Some(seeded) = self
-            .images
-            .read()
-            .await
-            .get(&job.image)
-            .map(|s| s.torrent.is_some())
-        else {
-            return Err(JobError::NoJob(format!(
-                "the job's image {:?} is not in the store",
-                job.image
-            )));
+        let seeded = match self.images.read().await.get(&job.image) {
+            None => {
+                return Err(JobError::NoJob(format!(
+                    "the job's image {:?} is not in the store",
+                    job.image
+                )));
+            }
+            Some(s) => match &s.state {
+                SeedState::Failed(e) => {
+                    return Err(JobError::Unavailable(format!(
+                        "the job's image {:?} cannot be served: {e}",
+                        job.image
+                    )));
+                }
+                _ => s.torrent.is_some(),
+            },
         };
         let (id, slot, disk) = match &mut *self.deployment.write().await {
             Some(d) if !d.stopped => {
@@ -260,6 +265,15 @@ impl ServerState {
         }
         let r = bounded(r, mac).map_err(|e| ReportError::BadRequest(format!("{e:#}")))?;
         let mac = r.mac.clone();
+        let image_failed = match &r.image {
+            Some(name) => match self.images.read().await.get(name).map(|s| &s.state) {
+                Some(SeedState::Failed(e)) => {
+                    Some(format!("the server stopped serving image {name}: {e}"))
+                }
+                _ => None,
+            },
+            None => None,
+        };
         let now = Instant::now();
         let mut dep = self.deployment.write().await;
         let mut hosts = self.hosts.write().await;
@@ -325,9 +339,12 @@ impl ServerState {
             Some(d) => StatusAck {
                 deployment_done: d.done_after.is_some(),
                 stopped: d.stopped,
-                image_failed: None,
+                image_failed,
             },
-            None => StatusAck::default(),
+            None => StatusAck {
+                image_failed,
+                ..Default::default()
+            },
         })
     }
 
@@ -447,6 +464,8 @@ pub enum JobError {
     BadRequest(String),
     NoJob(String),
     NotStarted(String),
+    /// The job's image failed on the server.
+    Unavailable(String),
 }
 
 #[derive(Debug)]

@@ -20,7 +20,9 @@ pub async fn job(
         Ok(j) => Json(j).into_response(),
         Err(JobError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(JobError::NoJob(e)) => error(StatusCode::NOT_FOUND, e),
-        Err(JobError::NotStarted(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(JobError::NotStarted(e) | JobError::Unavailable(e)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e)
+        }
     }
 }
 
