@@ -306,7 +306,7 @@ pub struct StatusReport {
     /// Seconds since the agent started its job.
     pub elapsed_s: f64,
     /// The token of the job this report is about ([`JobResponse::token`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
     /// The disk this host writes, once chosen.
     #[serde(default)]

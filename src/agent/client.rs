@@ -122,8 +122,13 @@ impl Client {
             .timeout(Duration::from_secs(3))
             .send()
             .await?;
-        if !resp.status().is_success() {
-            bail!("POST {url}: {}", resp.status());
+        let code = resp.status();
+        if !code.is_success() {
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            bail!(
+                "POST {url}: {code}: {}",
+                body["error"].as_str().unwrap_or("")
+            );
         }
         Ok(resp.json().await?)
     }

@@ -110,6 +110,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let job = client.wait_for_job(&mac, |_| {}).await;
     rep.base.deployment = Some(job.deployment);
     rep.base.image = Some(job.job.image.clone());
+    rep.base.token = job.token.clone();
     match deploy(&client, &mut rep, &job, &opts).await {
         Ok(post) => {
             rep.send(AgentState::Done, None, None).await;
@@ -209,8 +210,12 @@ async fn download(rep: &mut Reporter, torrent: &Torrent) -> Result<()> {
             _ = tick.tick() => {
                 torrent.check_error()?;
                 let state = if torrent.is_live() { AgentState::Downloading } else { AgentState::Checking };
-                if let Some(ack) = rep.send(state, Some(torrent), None).await && ack.stopped {
+                let Some(ack) = rep.send(state, Some(torrent), None).await else { continue };
+                if ack.stopped {
                     anyhow::bail!("the deployment was stopped by the admin");
+                }
+                if let Some(why) = ack.image_failed {
+                    anyhow::bail!("{why}");
                 }
             }
         }
@@ -228,6 +233,10 @@ async fn seed_after(rep: &mut Reporter, torrent: &Torrent, policy: SeedPolicy, c
     let t0 = Instant::now();
     while t0.elapsed() < limit {
         let ack = rep.send(AgentState::Seeding, Some(torrent), None).await;
+        if let Some(why) = ack.as_ref().and_then(|a| a.image_failed.as_ref()) {
+            warn!("{why}; stopping the seed");
+            return;
+        }
         if policy == SeedPolicy::Deployment && ack.is_some_and(|a| a.deployment_done || a.stopped) {
             info!("the deployment is done; stopping the seed");
             return;

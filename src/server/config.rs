@@ -21,7 +21,7 @@ pub struct ServerConfig {
     pub images: PathBuf,
     /// Bearer token for the admin API; without one the admin API is off.
     pub admin_token: Option<String>,
-    /// "builtin", or an external announce URL (e.g. opentracker's).
+    /// "builtin", or an external HTTP announce URL (e.g. opentracker's).
     #[serde(default = "default_tracker")]
     pub tracker: String,
     /// Announce interval handed to peers, in seconds.
@@ -53,6 +53,12 @@ pub struct ServerConfig {
     /// e.g. "blockswarm.on_fail=shell".
     #[serde(default)]
     pub boot_args: String,
+    /// Open HTTP connections at most, and from one address; past either,
+    /// a new connection is closed at once. A PC holds two or three.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +99,12 @@ fn default_seed_listen() -> SocketAddr {
 fn default_boot_dir() -> PathBuf {
     "boot".into()
 }
+fn default_max_connections() -> usize {
+    2048
+}
+fn default_max_connections_per_ip() -> usize {
+    64
+}
 fn default_wol() -> SocketAddr {
     "255.255.255.255:9".parse().expect("valid")
 }
@@ -121,14 +133,21 @@ impl ServerConfig {
         if let Some(w) = macs.windows(2).find(|w| w[0] == w[1]) {
             bail!("host {} is listed twice", w[0]);
         }
-        if c.tracker != "builtin"
-            && !c.tracker.starts_with("http://")
-            && !c.tracker.starts_with("udp://")
-        {
+        if c.tracker.starts_with("udp://") {
             bail!(
-                "tracker: {:?} is neither \"builtin\" nor an http:// or udp:// announce URL",
+                "tracker: {:?}: UDP trackers (BEP 15) are not supported; use \"builtin\", \
+                 or the tracker's http:// announce URL (opentracker answers over HTTP too)",
                 c.tracker
             );
+        }
+        if c.tracker != "builtin" && !c.tracker.starts_with("http://") {
+            bail!(
+                "tracker: {:?} is neither \"builtin\" nor an http:// announce URL",
+                c.tracker
+            );
+        }
+        if c.max_connections == 0 || c.max_connections_per_ip == 0 {
+            bail!("max_connections, max_connections_per_ip: must be at least 1");
         }
         if c.announce_interval == 0 {
             bail!("announce_interval: must be at least 1 second");
@@ -213,5 +232,19 @@ mod tests {
         assert!(e.contains("not a MAC"), "{e}");
         let e = format!("{:#}", ServerConfig::parse("[[host]]\nmac = \"52:54:00:00:00:01\"\n[host.job]\nimage = \"a\"\nverify = \"twice\"").unwrap_err());
         assert!(e.contains("verify"), "{e}");
+    }
+
+    #[test]
+    fn udp_trackers_are_refused() {
+        let e = format!(
+            "{:#}",
+            ServerConfig::parse("tracker = \"udp://10.0.0.1:6969/announce\"").unwrap_err()
+        );
+        assert!(
+            e.contains("UDP trackers (BEP 15) are not supported") && e.contains("http://"),
+            "{e}"
+        );
+        let c = ServerConfig::parse("tracker = \"http://10.0.0.1:6969/announce\"").unwrap();
+        assert_eq!(c.announce_url(), "http://10.0.0.1:6969/announce");
     }
 }

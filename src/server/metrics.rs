@@ -1,12 +1,23 @@
 //! `/metrics` in the Prometheus text format.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::api::AppState;
+
+/// Counters kept on the hot paths.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Status reports ignored: no valid token for their host.
+    pub reports_refused: AtomicU64,
+    /// Connections closed at once: too many open, in all or from one address.
+    pub connections_refused: AtomicU64,
+    pub connections_open: AtomicU64,
+}
 
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let v = s.view().await;
@@ -117,6 +128,26 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
                 ]
             })
             .collect(),
+    );
+    let c = &s.counters;
+    let count = |a: &AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed) as f64)];
+    metric(
+        "status_reports_refused_total",
+        "Status reports ignored for want of a valid host token.",
+        "counter",
+        count(&c.reports_refused),
+    );
+    metric(
+        "http_connections_refused_total",
+        "HTTP connections closed at once: too many open, in all or from one address.",
+        "counter",
+        count(&c.connections_refused),
+    );
+    metric(
+        "http_connections_open",
+        "Open HTTP connections.",
+        "gauge",
+        count(&c.connections_open),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o)
 }

@@ -1,7 +1,6 @@
 //! The boot server: image store and seeding, HTTP API, tracker, dashboard.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +11,22 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod dashboard;
+pub mod http;
 pub mod metrics;
 pub mod seed;
 pub mod state;
 pub mod store;
+pub mod token;
 pub mod tracker;
 pub mod wol;
 
 use config::ServerConfig;
 use state::ServerState;
+
+/// Hosts the server keeps track of at most: in the deployment, in the
+/// hosts' reports, in each swarm. Far above a room; each host needs a token,
+/// so a job, but with a default job any MAC has one.
+pub const MAX_HOSTS: usize = 2048;
 
 /// How often the store folder is rescanned.
 const SCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -51,7 +57,8 @@ pub async fn serve(
         true,
     )
     .await?;
-    let state = Arc::new(ServerState::new(cfg, seeds));
+    let counters = Arc::new(metrics::Counters::default());
+    let state = Arc::new(ServerState::new(cfg, seeds, counters.clone()));
     info!(
         "serving {} on http://{} (dashboard at {}/), tracker {}, seeds on {}",
         state.config.images.display(),
@@ -64,31 +71,42 @@ pub async fn serve(
         state.start_deployment((n > 0).then_some(n)).await;
     }
     let scanner = tokio::spawn(scan_loop(state.clone()));
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = http::Limits {
+        total: state.config.max_connections,
+        per_ip: state.config.max_connections_per_ip,
+    };
+    http::serve(
+        listener,
+        api::router(state.clone()),
+        limits,
+        counters,
+        shutdown,
+    )
+    .await;
     scanner.abort();
     state.seeds.stop().await;
-    r.context("HTTP server")
+    Ok(())
 }
 
+/// Keeps the images in line with the store, the tracker with the images,
+/// and forgets hosts long gone.
 async fn scan_loop(state: Arc<ServerState>) {
-    let mut failures = BTreeMap::new();
+    let mut log = BTreeMap::new();
     loop {
-        let changes = store::sync(&state.config, &state.seeds, &state.images, &mut failures).await;
-        for (name, hash) in changes {
-            let len = state
-                .images
-                .read()
-                .await
-                .get(&name)
-                .map(|i| i.image.manifest.payload.size);
-            if let (Some(h), Some(len)) = (hash, len) {
-                state.tracker.allow(h, len);
-            }
-        }
+        store::sync(&state.config, &state.seeds, &state.images, &mut log).await;
         store::update_states(&state.seeds, &state.images).await;
+        let tracked: Vec<_> = state
+            .images
+            .read()
+            .await
+            .values()
+            .filter_map(|s| {
+                let h = crate::util::parse_hex20(&s.image.manifest.payload.info_hash)?;
+                Some((h, s.state == store::SeedState::Seeding))
+            })
+            .collect();
+        state.tracker.set_images(tracked);
+        state.prune_hosts().await;
         tokio::time::sleep(SCAN_INTERVAL).await;
     }
 }

@@ -2,6 +2,12 @@
 //! seeded from raw devices. Rescanned every few seconds, so an image copied
 //! in is picked up without a restart, but only once it is whole: manifest and
 //! torrent consistent, and the payload file (if any) at its full size.
+//!
+//! A loaded image stays as it is while its directory is there with the same
+//! info hash and its payload file is the one loaded, unchanged (device,
+//! inode, size, mtime): a store that cannot be read for a moment re-hashes
+//! nothing. A payload replaced by another file is loaded again; one changed
+//! in place fails the image, since the seed reads that very file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,10 +42,42 @@ pub struct StoredImage {
     pub source: PathBuf,
     pub torrent: Option<Torrent>,
     pub state: SeedState,
+    /// The store payload file as loaded, for images served from one.
+    pub payload: Option<FileStamp>,
 }
 
-/// Where an image's blocks come from.
-pub fn open_source(image: &Image, device: Option<&Path>) -> Result<(PathBuf, DeviceStorage)> {
+/// A payload file as the store saw it: `dev` and `ino` tell a file
+/// replaced by another, `size` and `mtime` one changed in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(md: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.len(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+        }
+    }
+
+    fn same_file(&self, other: &Self) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+/// Where an image's blocks come from, and the stamp of a store file as
+/// opened (so that what the scan compares with is what the seed reads).
+pub fn open_source(
+    image: &Image,
+    device: Option<&Path>,
+) -> Result<(PathBuf, DeviceStorage, Option<FileStamp>)> {
     let m = &image.manifest;
     let (path, map) = match device {
         Some(dev) => (dev.to_owned(), m.payload_map()?),
@@ -58,17 +96,30 @@ pub fn open_source(image: &Image, device: Option<&Path>) -> Result<(PathBuf, Dev
     if dev.size != want {
         bail!("{} is {} bytes, expected {want}", path.display(), dev.size);
     }
-    Ok((path, DeviceStorage::reader(Arc::new(dev.file), map)))
+    let stamp = match device {
+        Some(_) => None,
+        None => Some(FileStamp::of(&dev.file.metadata()?)),
+    };
+    Ok((path, DeviceStorage::reader(Arc::new(dev.file), map), stamp))
 }
 
-/// Image directories that are complete and consistent, by name.
-pub fn scan(dir: &Path) -> BTreeMap<String, Result<Image>> {
+/// An image directory of the store.
+pub struct Found {
+    pub image: Image,
+    /// The store payload file, if there is one.
+    pub payload: Option<FileStamp>,
+}
+
+/// The store folder's image directories, by name, each opened or with the
+/// reason it cannot be. Fails when the folder itself cannot be listed: then
+/// nothing can be said of any image.
+pub fn scan(dir: &Path) -> Result<BTreeMap<String, Result<Found>>> {
     let mut out = BTreeMap::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let path = e.path();
+    let rd = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for e in rd {
+        let path = e
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
         let Some(name) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -79,120 +130,218 @@ pub fn scan(dir: &Path) -> BTreeMap<String, Result<Image>> {
         if !path.is_dir() || name.starts_with('.') {
             continue;
         }
-        let img = Image::open(&path).and_then(|img| {
-            if img.manifest.payload.stored {
-                let len = std::fs::metadata(img.store_path())
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                if len != img.manifest.payload.size {
-                    bail!(
-                        "payload file is {len} of {} bytes (still copying?)",
-                        img.manifest.payload.size
-                    );
-                }
-            }
-            Ok(img)
+        let found = Image::open(&path).map(|image| {
+            let payload = image
+                .manifest
+                .payload
+                .stored
+                .then(|| std::fs::metadata(image.store_path()).ok())
+                .flatten()
+                .map(|md| FileStamp::of(&md));
+            Found { image, payload }
         });
-        out.insert(name, img);
+        out.insert(name, found);
     }
-    out
+    Ok(out)
 }
 
-/// Brings the seeded set in line with the store: adds new or changed images,
-/// drops vanished ones. Returns what changed, for the tracker.
+/// What the scan makes of a loaded image.
+enum Verdict {
+    Keep,
+    /// Unload it, and load what the store now holds under its name.
+    Reload(String),
+    /// Its payload changed under the seed: stop serving it.
+    Fail(String, FileStamp),
+}
+
+fn judge(s: &StoredImage, found: Option<&Result<Found>>) -> Verdict {
+    let f = match found {
+        None => return Verdict::Reload("its directory is gone".into()),
+        // There, but unreadable for now: what was loaded still stands.
+        Some(Err(_)) => return Verdict::Keep,
+        Some(Ok(f)) => f,
+    };
+    if f.image.manifest.payload.info_hash != s.image.manifest.payload.info_hash {
+        return Verdict::Reload("its info hash changed".into());
+    }
+    let Some(was) = s.payload else {
+        return Verdict::Keep;
+    };
+    match f.payload {
+        Some(now) if now == was => Verdict::Keep,
+        None => Verdict::Reload("its payload file is gone".into()),
+        // A failed image is tried again once its file changes.
+        Some(_) if matches!(s.state, SeedState::Failed(_)) => {
+            Verdict::Reload("its payload file changed".into())
+        }
+        Some(now) if !now.same_file(&was) => {
+            Verdict::Reload("its payload file was replaced".into())
+        }
+        Some(now) => Verdict::Fail(
+            format!(
+                "{} changed in place while being served ({} bytes, modified since it was loaded): \
+                 replace it with a whole copy to serve the image again",
+                s.source.display(),
+                now.size
+            ),
+            now,
+        ),
+    }
+}
+
+/// Logs a message once, until it changes; `None` clears it.
+fn note(log: &mut BTreeMap<String, String>, key: &str, msg: Option<String>) -> bool {
+    match msg {
+        Some(m) if log.get(key) != Some(&m) => {
+            log.insert(key.to_string(), m);
+            true
+        }
+        Some(_) => false,
+        None => log.remove(key).is_some(),
+    }
+}
+
+/// Brings the seeded set in line with the store: loads new images, reloads
+/// replaced ones, unloads those whose directory is gone, and fails those
+/// whose payload changed in place. An image that cannot be read for a
+/// moment, or a store folder that cannot be listed, changes nothing.
 pub async fn sync(
     cfg: &ServerConfig,
     session: &SwarmSession,
     images: &tokio::sync::RwLock<BTreeMap<String, StoredImage>>,
-    failures: &mut BTreeMap<String, String>,
-) -> Vec<(String, Option<[u8; 20]>)> {
-    let mut found: BTreeMap<String, (Result<Image>, Option<PathBuf>)> = scan(&cfg.images)
-        .into_iter()
-        .map(|(k, v)| (k, (v, None)))
-        .collect();
+    log: &mut BTreeMap<String, String>,
+) {
+    let mut found = match scan(&cfg.images) {
+        Ok(f) => {
+            if note(log, "", None) {
+                info!("the store {} can be read again", cfg.images.display());
+            }
+            f
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if note(log, "", Some(msg.clone())) {
+                warn!("{msg}: keeping the images loaded until it can be read");
+            }
+            return;
+        }
+    };
+    let mut devices = BTreeMap::new();
     for d in &cfg.device_images {
         let name = d
             .dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        found.insert(name, (Image::open(&d.dir), Some(d.from.clone())));
+        let f = Image::open(&d.dir).map(|image| Found {
+            image,
+            payload: None,
+        });
+        found.insert(name.clone(), f);
+        devices.insert(name, d.from.clone());
     }
-    let mut changes = Vec::new();
-    let current: Vec<(String, String)> = images
-        .read()
-        .await
-        .iter()
-        .map(|(k, v)| (k.clone(), v.image.manifest.payload.info_hash.clone()))
-        .collect();
-    for (name, hash) in &current {
-        let keep = matches!(found.get(name), Some((Ok(img), _)) if &img.manifest.payload.info_hash == hash);
-        if !keep && let Some(old) = images.write().await.remove(name) {
-            info!("image {name}: removed from the store");
-            if let Some(t) = &old.torrent {
+    {
+        let mut g = images.write().await;
+        let mut gone = Vec::new();
+        for (name, s) in g.iter_mut() {
+            match judge(s, found.get(name)) {
+                Verdict::Keep => {
+                    if let Some(Err(e)) = found.get(name) {
+                        let msg = format!("{e:#}");
+                        if note(log, name, Some(msg.clone())) {
+                            warn!("image {name}: cannot be read now ({msg}); still serving it");
+                        }
+                    } else {
+                        note(log, name, None);
+                    }
+                }
+                Verdict::Reload(why) => {
+                    info!("image {name}: unloaded: {why}");
+                    gone.push(name.clone());
+                }
+                Verdict::Fail(why, now) => {
+                    warn!("image {name}: {why}");
+                    stop_seeding(session, s, why).await;
+                    s.payload = Some(now);
+                }
+            }
+        }
+        for name in gone {
+            if let Some(old) = g.remove(&name)
+                && let Some(t) = &old.torrent
+            {
                 let _ = session.remove(t).await;
             }
-            changes.push((name.clone(), None));
         }
     }
-    for (name, (img, device)) in found {
+    for (name, f) in found {
         if images.read().await.contains_key(&name) {
             continue;
         }
-        let img = match img {
-            Ok(i) => i,
+        let device = devices.get(&name).map(PathBuf::as_path);
+        let f = f.and_then(|f| {
+            let (m, got) = (&f.image.manifest.payload, f.payload.map(|p| p.size));
+            if device.is_none() && m.stored && got != Some(m.size) {
+                bail!(
+                    "payload file is {} of {} bytes (still copying?)",
+                    got.unwrap_or(0),
+                    m.size
+                );
+            }
+            Ok(f)
+        });
+        let f = match f {
+            Ok(f) => f,
             Err(e) => {
                 let msg = format!("{e:#}");
-                if failures.get(&name) != Some(&msg) {
+                if note(log, &name, Some(msg.clone())) {
                     warn!("image {name}: not loaded: {msg}");
-                    failures.insert(name, msg);
                 }
                 continue;
             }
         };
-        failures.remove(&name);
-        let hash = crate::util::parse_hex20(&img.manifest.payload.info_hash);
-        let added = if cfg.seed {
-            add(cfg, session, &img, device.as_deref()).await
-        } else {
-            Err(anyhow::anyhow!("seeding is off"))
-        };
-        let (source, torrent, state) = match added {
-            Err(_) if !cfg.seed => (
-                device.clone().unwrap_or_else(|| img.store_path()),
-                None,
-                SeedState::External,
-            ),
-            Ok((src, t)) => (src, Some(t), SeedState::Verifying),
-            Err(e) => (
-                device.clone().unwrap_or_else(|| img.store_path()),
-                None,
-                SeedState::Failed(format!("{e:#}")),
-            ),
-        };
-        if let SeedState::Failed(e) = &state {
-            warn!("image {name}: cannot seed: {e}");
-        } else if state == SeedState::External {
-            info!("image {name}: loaded; seeding is left to other clients");
-        } else {
-            info!(
-                "image {name}: loaded from {}, verifying its source",
-                source.display()
-            );
-        }
-        images.write().await.insert(
-            name.clone(),
-            StoredImage {
-                name: name.clone(),
-                image: img,
-                source,
-                torrent,
-                state,
-            },
-        );
-        changes.push((name, hash));
+        note(log, &name, None);
+        let loaded = load(cfg, session, &name, f, device).await;
+        images.write().await.insert(name, loaded);
     }
-    changes
+}
+
+async fn load(
+    cfg: &ServerConfig,
+    session: &SwarmSession,
+    name: &str,
+    f: Found,
+    device: Option<&Path>,
+) -> StoredImage {
+    let img = f.image;
+    let default_source = || device.map_or_else(|| img.store_path(), Path::to_path_buf);
+    let (source, torrent, state, payload) = if !cfg.seed {
+        info!("image {name}: loaded; seeding is left to other clients");
+        (default_source(), None, SeedState::External, None)
+    } else {
+        match add(cfg, session, &img, device).await {
+            Ok((src, t, stamp)) => {
+                info!(
+                    "image {name}: loaded from {}, verifying its source",
+                    src.display()
+                );
+                (src, Some(t), SeedState::Verifying, stamp)
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                warn!("image {name}: cannot seed: {e}");
+                (default_source(), None, SeedState::Failed(e), f.payload)
+            }
+        }
+    };
+    StoredImage {
+        name: name.to_string(),
+        image: img,
+        source,
+        torrent,
+        state,
+        payload,
+    }
 }
 
 async fn add(
@@ -200,57 +349,58 @@ async fn add(
     session: &SwarmSession,
     img: &Image,
     device: Option<&Path>,
-) -> Result<(PathBuf, Torrent)> {
-    let (src, storage) = open_source(img, device)?;
+) -> Result<(PathBuf, Torrent, Option<FileStamp>)> {
+    let (src, storage, stamp) = open_source(img, device)?;
+    // The built-in tracker lists the server's seed itself, from what the
+    // server knows; an external one must hear of it.
     let swarm_cfg = SwarmConfig {
         trackers: vec![cfg.announce_url()],
+        disable_trackers: cfg.tracker == "builtin",
         ..Default::default()
     };
     let t = session
         .add(img, &storage, &swarm_cfg)
         .await
         .context("adding the torrent")?;
-    Ok((src, t))
+    Ok((src, t, stamp))
 }
 
-/// Moves images from Verifying to Seeding once their check is over, or to
-/// Failed (and stops them) when the source no longer matches the image.
+async fn stop_seeding(session: &SwarmSession, s: &mut StoredImage, why: String) {
+    if let Some(t) = s.torrent.take() {
+        let _ = session.remove(&t).await;
+    }
+    s.state = SeedState::Failed(why);
+}
+
+/// Moves images from Verifying to Seeding once their check is over, and
+/// to Failed (stopping them) when the source does not match the image, or
+/// when a seeding torrent fails (a piece of the source no longer matches).
 pub async fn update_states(
     session: &SwarmSession,
     images: &tokio::sync::RwLock<BTreeMap<String, StoredImage>>,
 ) {
     let mut g = images.write().await;
     for (name, s) in g.iter_mut() {
-        if s.state != SeedState::Verifying {
-            continue;
-        }
         let Some(t) = &s.torrent else { continue };
-        let failed = match t.check_error() {
-            Err(e) => Some(format!("{e:#}")),
-            Ok(()) if !t.is_live() => continue,
-            Ok(()) => {
+        let failed = match (&s.state, t.check_error()) {
+            (SeedState::Verifying | SeedState::Seeding, Err(e)) => format!("{e:#}"),
+            (SeedState::Verifying, Ok(())) if t.is_live() => {
                 let p = t.progress();
-                (!p.finished).then(|| {
-                    format!(
-                        "{} does not match the image: {} of {} bytes fail their hash (changed since capture?)",
-                        s.source.display(),
-                        p.total_bytes - p.done_bytes,
-                        p.total_bytes
-                    )
-                })
+                if p.finished {
+                    info!("image {name}: source verified, seeding");
+                    s.state = SeedState::Seeding;
+                    continue;
+                }
+                format!(
+                    "{} does not match the image: {} of {} bytes fail their hash (changed since capture?)",
+                    s.source.display(),
+                    p.total_bytes - p.done_bytes,
+                    p.total_bytes
+                )
             }
+            _ => continue,
         };
-        match failed {
-            None => {
-                info!("image {name}: source verified, seeding");
-                s.state = SeedState::Seeding;
-            }
-            Some(e) => {
-                warn!("image {name}: {e}");
-                let _ = session.remove(t).await;
-                s.torrent = None;
-                s.state = SeedState::Failed(e);
-            }
-        }
+        warn!("image {name}: {failed}");
+        stop_seeding(session, s, failed).await;
     }
 }

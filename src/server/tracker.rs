@@ -1,46 +1,72 @@
 //! A BitTorrent HTTP tracker (BEP 3) with compact peer lists (BEP 23).
 //!
-//! It only tracks the images the server knows, keeps at most
-//! [`MAX_PEERS`] peers per image, and forgets a peer that has not announced
-//! for three intervals.
+//! It only tracks the images the server knows, and trusts only what the
+//! server knows, never what a peer claims:
+//! - the origin is the server's own seed, listed at the address the caller
+//!   gives for it (as the announcing host reaches the server), never found
+//!   by a peer id;
+//! - a peer's address is the connection's source address (`ip=` is
+//!   ignored);
+//! - hosts are the announces carrying a token the server issued (the room's
+//!   agents), one entry per token; everyone else is a guest (stock clients
+//!   such as aria2c). Guests are capped per source address and per swarm,
+//!   the oldest evicted; hosts are never refused, since the tokens bound
+//!   them.
 //!
-//! A host that still downloads is handed every other peer (finished hosts
-//! first, up to `numwant`), the server's seed included; the hosts' piece
-//! scheduling (`swarm::picker`) keeps the seed from sending a piece twice.
-//! Seeds get no peers: the others come to them. A host that learned of
-//! nobody is asked back after a second.
+//! A peer that wants pieces gets the origin, then hosts (finished ones
+//! first), then guests, up to `numwant`; the hosts' piece scheduling
+//! (`swarm::picker`) keeps the origin from sending a piece twice. Seeds get
+//! no peers: the others come to them. Hosts also get [`HOSTS_KEY`]: every
+//! host of the swarm, the peers the server vouches for. A host that learned
+//! of nobody is asked back after a second. Peers silent for three intervals
+//! are forgotten.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddrV4};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-pub const MAX_PEERS: usize = 4096;
-/// The server's seeds announce with peer ids that start with this.
+// Hosts per swarm: past it, the one silent longest is evicted.
+use super::MAX_HOSTS;
+
+/// The server's seeds still announce with peer ids that start with this,
+/// for the hosts' piece scheduling; the tracker gives it no weight.
 pub const ORIGIN_PREFIX: &[u8] = b"-BS0ORIGIN-";
+/// Guests per swarm, and per source address.
+pub const MAX_GUESTS: usize = 256;
+pub const MAX_GUESTS_PER_IP: usize = 4;
+/// The extra key of a host's answer: a compact (BEP 23) list of the hosts.
+pub const HOSTS_KEY: &str = "blockswarm hosts";
 const DEFAULT_NUMWANT: usize = 50;
 const MAX_NUMWANT: usize = 200;
+/// Forgetting silent peers scans the swarm: at most this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 pub type InfoHash = [u8; 20];
 
 pub struct Tracker {
     interval: Duration,
-    inner: Mutex<Inner>,
+    inner: Mutex<HashMap<InfoHash, Swarm>>,
 }
 
-#[derive(Default)]
-struct Inner {
-    /// Tracked info hashes, with their payload length.
-    known: HashMap<InfoHash, u64>,
-    swarms: HashMap<InfoHash, HashMap<[u8; 20], Peer>>,
+/// One tracked image.
+struct Swarm {
+    /// Whether the server's seed serves it (then the origin is listed).
+    seeded: bool,
+    /// By host id (the MAC its token names).
+    hosts: HashMap<String, Peer>,
+    /// By peer id.
+    guests: HashMap<[u8; 20], Peer>,
+    pruned: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Peer {
     addr: SocketAddrV4,
+    peer_id: [u8; 20],
     left: u64,
     seen: Instant,
 }
@@ -52,6 +78,16 @@ pub struct SwarmCounts {
     pub incomplete: usize,
 }
 
+/// Who is announcing, as the server sees it.
+struct Caller {
+    /// The connection's source address.
+    remote: IpAddr,
+    /// The server's seed as this caller reaches it.
+    origin: Option<SocketAddrV4>,
+    /// The host the announce's token names, if the server issued it.
+    host: Option<String>,
+}
+
 struct Announce {
     info_hash: InfoHash,
     peer_id: [u8; 20],
@@ -59,7 +95,7 @@ struct Announce {
     left: u64,
     event: String,
     numwant: usize,
-    ip: Option<std::net::Ipv4Addr>,
+    token: Option<String>,
 }
 
 impl Tracker {
@@ -70,25 +106,33 @@ impl Tracker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InfoHash, Swarm>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Only known images are tracked.
-    pub fn allow(&self, h: InfoHash, payload_len: u64) {
-        self.lock().known.insert(h, payload_len);
-    }
-
-    pub fn forget(&self, h: &InfoHash) {
+    /// The images to track, and whether the server's seed serves each.
+    /// Swarms of images no longer listed are dropped.
+    pub fn set_images(&self, images: impl IntoIterator<Item = (InfoHash, bool)>) {
         let mut g = self.lock();
-        g.known.remove(h);
-        g.swarms.remove(h);
+        let mut keep = HashSet::new();
+        for (h, seeded) in images {
+            keep.insert(h);
+            g.entry(h)
+                .or_insert_with(|| Swarm {
+                    seeded,
+                    hosts: HashMap::new(),
+                    guests: HashMap::new(),
+                    pruned: Instant::now(),
+                })
+                .seeded = seeded;
+        }
+        g.retain(|h, _| keep.contains(h));
     }
 
     pub fn counts(&self, h: &InfoHash) -> SwarmCounts {
         let g = self.lock();
         let mut c = SwarmCounts::default();
-        for p in g.swarms.get(h).into_iter().flat_map(|s| s.values()) {
+        for p in g.get(h).into_iter().flat_map(|s| s.peers()) {
             if p.left == 0 {
                 c.complete += 1;
             } else {
@@ -98,74 +142,131 @@ impl Tracker {
         c
     }
 
-    /// Answers a raw announce query string from `remote` with a bencoded body.
-    pub fn announce(&self, query: &str, remote: IpAddr) -> Vec<u8> {
-        match self.try_announce(query, remote) {
+    /// The addresses of the hosts (token holders) in any swarm: the peers
+    /// the server vouches for.
+    pub fn host_ips(&self) -> HashSet<Ipv4Addr> {
+        let expiry = self.interval * 3;
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .flat_map(|s| s.hosts.values())
+            .filter(|p| now.duration_since(p.seen) < expiry)
+            .map(|p| *p.addr.ip())
+            .collect()
+    }
+
+    /// Answers a raw announce query string with a bencoded body. `vouch`
+    /// names the host a token was issued to, if it was.
+    pub fn announce(
+        &self,
+        query: &str,
+        remote: IpAddr,
+        origin: Option<SocketAddrV4>,
+        vouch: impl FnOnce(&str) -> Option<String>,
+    ) -> Vec<u8> {
+        let parsed = parse(query);
+        let host = match &parsed {
+            Ok(a) => a.token.as_deref().and_then(vouch),
+            Err(_) => None,
+        };
+        let caller = Caller {
+            remote,
+            origin,
+            host,
+        };
+        match parsed.and_then(|a| self.try_announce(a, &caller)) {
             Ok(body) => body,
             Err(e) => failure(&e.to_string()),
         }
     }
 
-    fn try_announce(&self, query: &str, remote: IpAddr) -> Result<Vec<u8>> {
-        let a = parse(query)?;
-        let ip = match (a.ip, remote) {
-            (Some(ip), _) => ip,
-            (None, IpAddr::V4(v4)) => v4,
-            (None, IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+    fn try_announce(&self, a: Announce, from: &Caller) -> Result<Vec<u8>> {
+        let ip = match from.remote {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => v4,
                 None => bail!("IPv6 peers are not supported"),
             },
         };
         let now = Instant::now();
-        let expiry = self.interval * 3;
-        let mut guard = self.lock();
-        let g = &mut *guard;
-        if !g.known.contains_key(&a.info_hash) {
+        let mut g = self.lock();
+        let Some(swarm) = g.get_mut(&a.info_hash) else {
             bail!(
                 "unknown info_hash: this tracker serves only the images of its blockswarm server"
             );
-        }
-        let swarm = g.swarms.entry(a.info_hash).or_default();
-        swarm.retain(|_, p| now.duration_since(p.seen) < expiry);
-        if a.event == "stopped" {
-            swarm.remove(&a.peer_id);
-        } else {
-            if !swarm.contains_key(&a.peer_id) && swarm.len() >= MAX_PEERS {
-                bail!("swarm is full ({MAX_PEERS} peers)");
+        };
+        swarm.prune(now, self.interval * 3);
+        let me = Peer {
+            addr: SocketAddrV4::new(ip, a.port),
+            peer_id: a.peer_id,
+            left: a.left,
+            seen: now,
+        };
+        let stopped = a.event == "stopped";
+        match (&from.host, stopped) {
+            (Some(h), true) => {
+                swarm.hosts.remove(h);
             }
-            swarm.insert(
-                a.peer_id,
-                Peer {
-                    addr: SocketAddrV4::new(ip, a.port),
-                    left: a.left,
-                    seen: now,
-                },
-            );
+            (Some(h), false) => swarm.add_host(h, me),
+            (None, true) => {
+                if swarm
+                    .guests
+                    .get(&a.peer_id)
+                    .is_some_and(|p| p.addr.ip() == &ip)
+                {
+                    swarm.guests.remove(&a.peer_id);
+                }
+            }
+            (None, false) => swarm.add_guest(me),
         }
         // Seeds need nobody: peers come to them.
-        let wants_peers = a.left > 0 && a.event != "stopped";
-        let mut peers: Vec<(&[u8; 20], &Peer)> = if wants_peers {
-            swarm.iter().filter(|(id, _)| **id != a.peer_id).collect()
-        } else {
-            Vec::new()
-        };
-        // The server's seeds, finished hosts, then a rotating choice of the others.
-        peers.sort_by_key(|(id, p)| (!id.starts_with(ORIGIN_PREFIX), p.left != 0, p.seen));
-        peers.truncate(a.numwant);
-        let peers: Vec<&Peer> = peers.into_iter().map(|(_, p)| p).collect();
-        let interval = if wants_peers && peers.is_empty() {
+        let wants_peers = a.left > 0 && !stopped;
+        let mut listed: Vec<SocketAddrV4> = Vec::new();
+        if wants_peers {
+            let origin = from.origin.filter(|_| swarm.seeded);
+            let mut hosts: Vec<&Peer> = swarm
+                .hosts
+                .iter()
+                .filter(|(id, _)| Some(*id) != from.host.as_ref())
+                .map(|(_, p)| p)
+                .collect();
+            let mut guests: Vec<&Peer> = swarm
+                .guests
+                .values()
+                .filter(|p| p.peer_id != me.peer_id)
+                .collect();
+            // Finished peers first, then the one that announced longest ago:
+            // each announce moves a peer back, so the choice rotates.
+            hosts.sort_unstable_by_key(|p| (p.left != 0, p.seen));
+            guests.sort_unstable_by_key(|p| (p.left != 0, p.seen));
+            let mut seen = HashSet::from([me.addr]);
+            listed = origin
+                .into_iter()
+                .chain(hosts.iter().chain(&guests).map(|p| p.addr))
+                .filter(|addr| seen.insert(*addr))
+                .take(a.numwant)
+                .collect();
+        }
+        let interval = if wants_peers && listed.is_empty() {
             Duration::from_secs(1)
         } else {
             self.interval
         };
-        let mut compact = Vec::with_capacity(peers.len() * 6);
-        for p in &peers {
-            compact.extend_from_slice(&p.addr.ip().octets());
-            compact.extend_from_slice(&p.addr.port().to_be_bytes());
-        }
-        let complete = swarm.values().filter(|p| p.left == 0).count();
+        let vouched = from.host.as_ref().map(|h| {
+            compact(
+                swarm
+                    .hosts
+                    .iter()
+                    .filter(|(id, _)| *id != h)
+                    .map(|(_, p)| p.addr),
+            )
+        });
+        let complete = swarm.peers().filter(|p| p.left == 0).count();
+        // Keys in sorted order, as bencoding requires.
         #[derive(Serialize)]
         struct Resp {
+            #[serde(rename = "blockswarm hosts", skip_serializing_if = "Option::is_none")]
+            hosts: Option<buffers::ByteBufOwned>,
             complete: usize,
             incomplete: usize,
             interval: u64,
@@ -174,16 +275,81 @@ impl Tracker {
             peers: buffers::ByteBufOwned,
         }
         let resp = Resp {
+            hosts: vouched.map(Into::into),
             complete,
-            incomplete: swarm.len() - complete,
+            incomplete: swarm.hosts.len() + swarm.guests.len() - complete,
             interval: interval.as_secs().max(1),
             min_interval: interval.as_secs().max(1),
-            peers: compact.into(),
+            peers: compact(listed).into(),
         };
         let mut out = Vec::new();
         bencode::bencode_serialize_to_writer(&resp, &mut out)?;
         Ok(out)
     }
+}
+
+impl Swarm {
+    fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.hosts.values().chain(self.guests.values())
+    }
+
+    fn prune(&mut self, now: Instant, expiry: Duration) {
+        if now.duration_since(self.pruned) < PRUNE_EVERY {
+            return;
+        }
+        self.pruned = now;
+        self.hosts
+            .retain(|_, p| now.duration_since(p.seen) < expiry);
+        self.guests
+            .retain(|_, p| now.duration_since(p.seen) < expiry);
+    }
+
+    fn add_host(&mut self, id: &str, p: Peer) {
+        if !self.hosts.contains_key(id)
+            && self.hosts.len() >= MAX_HOSTS
+            && let Some(old) = oldest(self.hosts.iter())
+        {
+            self.hosts.remove(&old);
+        }
+        self.hosts.insert(id.to_string(), p);
+    }
+
+    fn add_guest(&mut self, p: Peer) {
+        if !self.guests.contains_key(&p.peer_id) {
+            let same_ip = self
+                .guests
+                .iter()
+                .filter(|(_, g)| g.addr.ip() == p.addr.ip());
+            if same_ip.clone().count() >= MAX_GUESTS_PER_IP
+                && let Some(old) = oldest(same_ip)
+            {
+                self.guests.remove(&old);
+            } else if self.guests.len() >= MAX_GUESTS
+                && let Some(old) = oldest(self.guests.iter())
+            {
+                self.guests.remove(&old);
+            }
+        }
+        self.guests.insert(p.peer_id, p);
+    }
+}
+
+/// The key of the peer silent longest.
+fn oldest<'a, K: Clone + 'a>(peers: impl Iterator<Item = (&'a K, &'a Peer)>) -> Option<K> {
+    peers.min_by_key(|(_, p)| p.seen).map(|(k, _)| k.clone())
+}
+
+/// BEP 23: 4 address bytes and 2 port bytes per peer.
+fn compact(addrs: impl IntoIterator<Item = SocketAddrV4>) -> Vec<u8> {
+    addrs
+        .into_iter()
+        .flat_map(|a| {
+            let mut b = [0u8; 6];
+            b[..4].copy_from_slice(&a.ip().octets());
+            b[4..].copy_from_slice(&a.port().to_be_bytes());
+            b
+        })
+        .collect()
 }
 
 fn failure(reason: &str) -> Vec<u8> {
@@ -196,7 +362,7 @@ fn parse(query: &str) -> Result<Announce> {
     let (mut port, mut left) = (None, None);
     let mut event = String::new();
     let mut numwant = DEFAULT_NUMWANT;
-    let mut ip = None;
+    let mut token = None;
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         let v = percent_decode(v)?;
@@ -230,7 +396,9 @@ fn parse(query: &str) -> Result<Announce> {
             "left" => left = Some(num("left")?),
             "event" => event = text()?,
             "numwant" => numwant = (num("numwant")? as usize).min(MAX_NUMWANT),
-            "ip" => ip = text()?.parse().ok(),
+            // An over-long token is no token: the announce is a guest's.
+            "token" if v.len() <= super::token::MAX_TOKEN_LEN => token = text().ok(),
+            // `ip=` and the rest are ignored: the address is the connection's.
             _ => {}
         }
     }
@@ -241,7 +409,7 @@ fn parse(query: &str) -> Result<Announce> {
         left: left.ok_or_else(|| anyhow::anyhow!("missing left"))?,
         event,
         numwant,
-        ip,
+        token,
     })
 }
 
@@ -273,98 +441,4 @@ fn percent_decode(s: &str) -> Result<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn q(h: &InfoHash, id: u8, port: u16, left: u64, downloaded: u64) -> String {
-        let enc = |b: &[u8]| b.iter().map(|x| format!("%{x:02X}")).collect::<String>();
-        format!(
-            "info_hash={}&peer_id={}&port={port}&uploaded=0&downloaded={downloaded}&left={left}&compact=1",
-            enc(h),
-            enc(&[id; 20])
-        )
-    }
-
-    fn peers(body: &[u8]) -> Vec<u16> {
-        let pos = body.windows(6).position(|w| w == b"peers:").map(|p| p + 6);
-        let Some(pos) = pos.or_else(|| {
-            // "5:peers" then "<len>:" bytes
-            let p = body.windows(7).position(|w| w == b"5:peers")? + 7;
-            let colon = body[p..].iter().position(|&c| c == b':')? + p;
-            Some(colon + 1)
-        }) else {
-            return vec![];
-        };
-        let start = body[..pos].iter().rposition(|&c| c == b's').unwrap() + 1;
-        let len: usize = std::str::from_utf8(&body[start..pos - 1])
-            .unwrap()
-            .parse()
-            .unwrap();
-        body[pos..pos + len]
-            .chunks(6)
-            .map(|c| u16::from_be_bytes([c[4], c[5]]))
-            .collect()
-    }
-
-    #[test]
-    fn hosts_meet_everyone_and_seeds_get_nobody() {
-        let t = Tracker::new(Duration::from_secs(10));
-        let h = [1u8; 20];
-        t.allow(h, 100);
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let origin = q(&h, 0, 6881, 0, 0).replace(
-            &"%00".repeat(11),
-            &ORIGIN_PREFIX
-                .iter()
-                .map(|b| format!("%{b:02X}"))
-                .collect::<String>(),
-        );
-        assert!(
-            peers(&t.announce(&origin, ip)).is_empty(),
-            "seeds need no peers"
-        );
-        assert_eq!(peers(&t.announce(&q(&h, 2, 7000, 100, 0), ip)), vec![6881]);
-        let mut got = peers(&t.announce(&q(&h, 3, 7001, 100, 0), ip));
-        got.sort();
-        assert_eq!(got, vec![6881, 7000]);
-        // The server's seed first, then finished hosts.
-        t.announce(&q(&h, 2, 7000, 0, 100), ip);
-        assert_eq!(
-            peers(&t.announce(&q(&h, 4, 7002, 100, 0), ip))[..2],
-            [6881, 7000]
-        );
-        // numwant caps the list.
-        let few = q(&h, 5, 7003, 100, 0) + "&numwant=2";
-        assert_eq!(peers(&t.announce(&few, ip)).len(), 2);
-        // A stopped host is forgotten.
-        t.announce(&(q(&h, 3, 7001, 100, 0) + "&event=stopped"), ip);
-        assert_eq!(t.counts(&h).complete, 2);
-        assert_eq!(t.counts(&h).incomplete, 2);
-    }
-
-    #[test]
-    fn garbage_gets_a_failure_reason() {
-        let t = Tracker::new(Duration::from_secs(10));
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        for (query, why) in [
-            ("", "missing info_hash"),
-            ("info_hash=abc", "20 bytes"),
-            ("info_hash=%ZZ", "percent"),
-            (&q(&[9; 20], 1, 1, 0, 0), "unknown info_hash"),
-            (
-                &q(&[9; 20], 1, 1, 0, 0).replace("port=1", "port=99999"),
-                "port",
-            ),
-            (
-                &q(&[9; 20], 1, 1, 0, 0).replace("left=0", "left=-4"),
-                "left",
-            ),
-        ] {
-            let body = String::from_utf8_lossy(&t.announce(query, ip)).into_owned();
-            assert!(
-                body.starts_with("d14:failure reason") && body.contains(why),
-                "{query}: {body}"
-            );
-        }
-    }
-}
+mod tests;

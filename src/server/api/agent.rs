@@ -1,21 +1,28 @@
 //! What agents (and the dashboard) read: jobs, image files, status.
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 
 use super::{AppState, error};
 use crate::image::{manifest, torrent};
 use crate::protocol::StatusReport;
-use crate::server::state::JobError;
+use crate::server::http::Conn;
+use crate::server::state::{JobError, ReportError};
 
-pub async fn job(State(s): State<AppState>, Path(mac): Path<String>) -> Response {
-    match s.job_for(&mac).await {
+pub async fn job(
+    State(s): State<AppState>,
+    Extension(c): Extension<Conn>,
+    Path(mac): Path<String>,
+) -> Response {
+    match s.job_for(&mac, c.local.ip()).await {
         Ok(j) => Json(j).into_response(),
         Err(JobError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(JobError::NoJob(e)) => error(StatusCode::NOT_FOUND, e),
-        Err(JobError::NotStarted(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(JobError::NotStarted(e) | JobError::Unavailable(e)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e)
+        }
     }
 }
 
@@ -51,7 +58,8 @@ pub async fn image_file(
 pub async fn status(State(s): State<AppState>, Json(r): Json<StatusReport>) -> Response {
     match s.report(r).await {
         Ok(ack) => Json(ack).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(ReportError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(ReportError::Refused(e)) => error(StatusCode::FORBIDDEN, e),
     }
 }
 

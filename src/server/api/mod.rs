@@ -3,12 +3,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::{Extension, Router};
 
+use super::http::Conn;
 use super::state::ServerState;
 
 pub mod admin;
@@ -37,10 +38,18 @@ pub fn router(state: AppState) -> Router {
 
 async fn announce(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(c): Extension<Conn>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let body = s.tracker.announce(q.as_deref().unwrap_or(""), peer.ip());
+    let origin = match s.origin_for(c.local.ip()) {
+        Some(SocketAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    let body = s
+        .tracker
+        .announce(q.as_deref().unwrap_or(""), c.remote.ip(), origin, |t| {
+            s.keys.check(t).map(|h| h.mac)
+        });
     ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
