@@ -271,3 +271,52 @@ fn power_cut_while_finishing_resumes() {
         assert!(String::from_utf8_lossy(&v.stdout).contains("No problems found"));
     }
 }
+
+/// A host that started writing one disk is held to it: restarted with
+/// another disk in the same deployment (as the default selector would pick
+/// the next largest when the first one fails), the agent refuses and writes
+/// nothing there; the first disk still resumes.
+#[test]
+fn a_retry_is_held_to_the_disk_it_started() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = mkdisk(t.path(), "master.img", "gpt", 24);
+    let size = std::fs::metadata(&disk).unwrap().len();
+    capture(&disk, &t.path().join("images/lab"), true);
+    let cfg = format!("seed_upload_limit = \"8M\"\n[default_job]\nimage = \"lab\"\n{TEST_JOB}");
+    let srv = Server::start(t.path(), Some(1), &cfg);
+    srv.wait_seeding("lab");
+    let mac = "52:54:00:00:20:02";
+    let first = t.path().join("first.img");
+    blank_target(&first, size, true);
+    let a = Agent::start(&srv.url, mac, &first);
+    srv.wait_for(
+        |v| v["hosts"][0]["done_bytes"].as_u64().unwrap_or(0) > 4 << 20,
+        "the download under way",
+    );
+    drop(a);
+    let other = t.path().join("other.img");
+    blank_target(&other, size, true);
+    let mut b = Agent::start(&srv.url, mac, &other);
+    let t0 = Instant::now();
+    while b.proc.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the agent went on:\n{}",
+            b.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = b.log();
+    assert!(
+        log.contains("this host was writing another disk in deployment 1"),
+        "{log}"
+    );
+    assert!(
+        std::fs::read(&other).unwrap().iter().all(|&x| x == MARK),
+        "the other disk was written"
+    );
+    let mut c = Agent::start(&srv.url, mac, &first);
+    c.wait_ok(180);
+    assert!(c.log().contains("resuming"), "{}", c.log());
+    assert_extents_equal(&t.path().join("images/lab"), &disk, &first, &[]);
+}
