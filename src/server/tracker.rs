@@ -20,7 +20,7 @@ use serde::Serialize;
 
 pub const MAX_PEERS: usize = 4096;
 /// The server's seeds announce with peer ids that start with this.
-pub const ORIGIN_PREFIX: &[u8] = b"-BS0ORIGIN-";
+pub use crate::swarm::ORIGIN_PREFIX;
 const DEFAULT_NUMWANT: usize = 50;
 const MAX_NUMWANT: usize = 200;
 

@@ -36,7 +36,7 @@ const CLAIMING: Duration = Duration::from_millis(300);
 const BEHIND_SLACK: u64 = 16;
 
 /// One peer's pieces.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bits {
     bits: Vec<bool>,
     count: usize,
@@ -601,6 +601,11 @@ impl Picker {
                 self.inflight_pieces -= 1;
             }
         }
+    }
+
+    #[cfg(test)]
+    pub fn inflight(&self, piece: usize) -> u8 {
+        self.inflight[piece]
     }
 
     /// `piece` arrived and passed its hash. Returns false if another copy
