@@ -120,6 +120,9 @@ pub async fn run(
             claims: Bits::new(n),
             claim_times: VecDeque::new(),
             early: reg.early.then_some(reg.conn),
+            host: false,
+            unvouched_claims: Bits::new(n),
+            unvouched_times: Vec::new(),
             origin,
             choked: true,
             interested: false,
@@ -247,6 +250,12 @@ struct Driver {
     /// Came early: a vouched host's claims count in this host's share of
     /// the origin's pieces, under its connection's id.
     early: Option<u64>,
+    /// The server vouches for it (as last seen, see [`Driver::refresh_host`]).
+    host: bool,
+    /// Claims it sent before the server vouched for it: they count once it
+    /// does (the hosts' trust sets fill as they announce).
+    unvouched_claims: Bits,
+    unvouched_times: Vec<(Instant, usize)>,
     /// The server's seed (the configured origin, dialled by us).
     origin: bool,
     /// The peer chokes us.
@@ -271,6 +280,7 @@ impl Driver {
         let mut stopped = self.t.stopped.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            self.refresh_host();
             self.fill();
             tokio::select! {
                 m = rx.recv() => match m {
@@ -296,6 +306,45 @@ impl Driver {
         !self.origin && self.t.vouches(self.addr.ip())
     }
 
+    /// Once the server vouches for the peer (at once, or when the trust set
+    /// grows), what each side claimed before counts: it hears of all our
+    /// claims, and the ones it sent meanwhile take effect. Otherwise the
+    /// hosts' shares of the origin's pieces would miss the room's first
+    /// seconds, and each would think itself ahead of the others.
+    fn refresh_host(&mut self) {
+        let now = self.is_host();
+        if now == self.host {
+            return;
+        }
+        self.host = now;
+        if !now {
+            return;
+        }
+        let ours = self.t.own_claims();
+        if !ours.is_empty() {
+            self.out.control(&ours);
+        }
+        for (at, i) in std::mem::take(&mut self.unvouched_times) {
+            self.unvouched_claims.unset(i);
+            if at.elapsed() <= STALL {
+                self.on_claim(i);
+            } else {
+                self.t.picker().past_claim(self.early);
+            }
+        }
+    }
+
+    /// A claim of a vouched host: the origin's piece `i` is its to fetch,
+    /// unless it already holds it (a claim told late).
+    fn on_claim(&mut self, i: usize) {
+        if self.bits.get(i) {
+            self.t.picker().past_claim(self.early);
+        } else if self.claims.set(i) {
+            self.claim_times.push_back((Instant::now(), i));
+            self.t.picker().peer_claims(i, self.early);
+        }
+    }
+
     async fn handle(&mut self, (m, frame): (Message, Option<Vec<u8>>)) -> Result<()> {
         if m != Message::KeepAlive {
             self.activity.store(self.t.now_ms(), Ordering::Relaxed);
@@ -312,10 +361,11 @@ impl Driver {
                 self.update_interest();
             }
             Message::Claim(p) => {
-                let i = p.get();
-                if self.is_host() && !self.bits.get(i) && self.claims.set(i) {
-                    self.claim_times.push_back((Instant::now(), i));
-                    self.t.picker().peer_claims(i, self.early);
+                self.refresh_host();
+                if self.host {
+                    self.on_claim(p.get());
+                } else if self.unvouched_claims.set(p.get()) {
+                    self.unvouched_times.push((Instant::now(), p.get()));
                 }
             }
             Message::Bitfield(b) => {
@@ -578,24 +628,25 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::swarm::torrent::Registered;
 
-    #[tokio::test]
-    async fn a_connection_gives_its_pieces_back_even_when_its_task_panics() {
-        let t = Shared::for_test(4, 1 << 16);
-        let (id, addr): (PeerId, SocketAddr) = ([9; 20], "127.0.0.2:7000".parse().unwrap());
-        let out = Arc::new(Outbox::new(1 << 20));
-        let reg = t
+    fn driver(t: &Arc<Shared>, id: PeerId, addr: SocketAddr, out: Arc<Outbox>) -> (Driver, u64) {
+        let reg: Registered = t
             .register(id, addr, false, out.clone(), Arc::default())
             .unwrap();
-        let mut d = Driver {
+        let n = t.lengths.count();
+        let d = Driver {
             addr,
             id,
             t: t.clone(),
             out,
-            bits: PeerPieces::new(4),
-            claims: Bits::new(4),
+            bits: PeerPieces::new(n),
+            claims: Bits::new(n),
             claim_times: VecDeque::new(),
-            early: None,
+            early: reg.early.then_some(reg.conn),
+            host: false,
+            unvouched_claims: Bits::new(n),
+            unvouched_times: Vec::new(),
             origin: false,
             choked: false,
             interested: false,
@@ -604,6 +655,14 @@ mod tests {
             last_data: Instant::now(),
             activity: reg.activity,
         };
+        (d, reg.conn)
+    }
+
+    #[tokio::test]
+    async fn a_connection_gives_its_pieces_back_even_when_its_task_panics() {
+        let t = Shared::for_test(4, 1 << 16);
+        let (id, addr): (PeerId, SocketAddr) = ([9; 20], "127.0.0.2:7000".parse().unwrap());
+        let (mut d, conn) = driver(&t, id, addr, Arc::new(Outbox::new(1 << 20)));
         d.peer_has([2].into_iter());
         d.update_interest();
         d.fill();
@@ -614,7 +673,7 @@ mod tests {
             d,
             reader: tokio::spawn(std::future::pending()),
             writer: tokio::spawn(std::future::pending()),
-            conn: reg.conn,
+            conn,
         };
         let r = tokio::spawn(async move {
             let _c = c;
@@ -625,5 +684,37 @@ mod tests {
         assert_eq!(t.picker().inflight(2), 0, "piece 2 is still in flight");
         assert_eq!(t.fetch_memory_used(), 0);
         assert!(!t.is_connected(&id), "the peer is still registered");
+    }
+
+    #[tokio::test]
+    async fn claims_count_once_the_server_vouches_for_their_sender() {
+        let t = Shared::for_test(4, 1 << 16);
+        let (id, addr): (PeerId, SocketAddr) = ([9; 20], "127.0.0.2:7000".parse().unwrap());
+        let out = Arc::new(Outbox::new(1 << 20));
+        let (mut d, _) = driver(&t, id, addr, out.clone());
+        let p = |i| t.lengths.piece(i).unwrap();
+        let sent = || {
+            let (mut c, mut q) = (Vec::new(), Vec::new());
+            out.take(false, false, 0, &mut c, &mut q);
+            c
+        };
+        // Both sides claim a piece of the origin's before the server
+        // vouches for the other.
+        t.claim(p(3));
+        d.refresh_host();
+        d.handle((Message::Claim(p(1)), None)).await.unwrap();
+        assert!(!d.claims.get(1), "a stranger's claim was taken");
+        assert!(
+            !sent().windows(9).any(|w| w == out::claim(p(3))),
+            "a stranger heard of our claim"
+        );
+        // The tracker names it a host: both claims count now.
+        t.trust.extend([addr.ip()]);
+        d.refresh_host();
+        assert!(d.claims.get(1), "its claim was lost");
+        assert!(
+            sent().windows(9).any(|w| w == out::claim(p(3))),
+            "it never heard of our claim"
+        );
     }
 }

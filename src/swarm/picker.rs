@@ -306,6 +306,15 @@ impl Picker {
         });
     }
 
+    /// A counted host claimed a piece it holds by now: a claim it made before
+    /// the two hosts knew each other as hosts, told late. It counts in its
+    /// share only.
+    pub fn past_claim(&mut self, counted: Option<u64>) {
+        if let Some(conn) = counted {
+            *self.shares.entry(conn).or_default() += 1;
+        }
+    }
+
     /// How many other blockswarm hosts connected are counted in this host's
     /// share of the origin's pieces: those that came at about the same time
     /// as this one. A host that joins later has claimed nothing before it

@@ -137,6 +137,9 @@ pub(crate) struct Shared {
     verified: Verified,
     /// Pieces of this host's target found changed, logged once each.
     mismatched: Mutex<HashSet<PieceIndex>>,
+    /// Every piece this host claimed, for hosts the server vouches for
+    /// only later (see [`super::peer`]'s `refresh_host`).
+    own_claims: Mutex<Vec<PieceIndex>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +184,7 @@ impl Shared {
             bans: Mutex::default(),
             verified: Verified::new(VERIFIED_MEMORY.max(p.lengths.piece_len() as usize)),
             mismatched: Mutex::default(),
+            own_claims: Mutex::default(),
         }
     }
 
@@ -379,6 +383,7 @@ impl Shared {
         if !self.picker().claim(p.get()) {
             return;
         }
+        lock(&self.own_claims).push(p);
         let m = out::claim(p);
         let peers = lock(&self.peers);
         let trust = self.trust.read();
@@ -387,6 +392,14 @@ impl Shared {
                 e.out.control(&m);
             }
         }
+    }
+
+    /// Our claims so far, as messages.
+    pub(super) fn own_claims(&self) -> Vec<u8> {
+        lock(&self.own_claims)
+            .iter()
+            .flat_map(|&p| out::claim(p))
+            .collect()
     }
 
     /// A piece passed its hash and is on the target; `data` is it, for
