@@ -203,7 +203,8 @@ async fn the_server_seed_serves_a_few_whole_pieces_at_a_time() {
     let session = SwarmSession::start(Some("127.0.0.1:0".parse().unwrap()), limits, true)
         .await
         .unwrap();
-    // The hosts of the deployment (strangers would share one slot).
+    // Its twenty peers come from one address: the server vouches for it (a
+    // torrent takes at most 8 connections from an address it does not).
     let cfg = SwarmConfig {
         disable_trackers: true,
         trust: Arc::new(Trust::new(["127.0.0.1".parse().unwrap()])),

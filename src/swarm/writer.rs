@@ -33,8 +33,9 @@ use super::wire::{Block, PieceIndex, out};
 /// port idle while the hosts' ports are busy, more make each piece later
 /// (docs/benchmarks.md, "Seventh look").
 const ORIGIN_SLOTS: usize = 8;
-/// Of those, how many peers the server does not vouch for may hold at once:
-/// strangers cannot take the origin's port from the room.
+/// Of those, how many peers the server does not vouch for may hold at once
+/// (while it vouches for any): strangers cannot take the origin's port from
+/// the room.
 const STRANGER_SLOTS: usize = 1;
 /// An upload slot is given up after this long (a slow or stuck peer), and
 /// the piece finished without one.
@@ -66,8 +67,8 @@ impl Slots {
         }
     }
 
-    /// A slot for a vouched-for host, or one of the strangers' for anyone
-    /// else; `None` once the session is gone.
+    /// A slot for a vouched-for host (`vouched`), or one of the strangers'
+    /// for anyone else; `None` once the session is gone.
     fn acquire(&self, vouched: bool) -> Acquire {
         let (all, strangers) = (self.all.clone(), self.strangers.clone());
         Box::pin(async move {
@@ -153,7 +154,10 @@ impl Writer {
             } else if self.acquiring.is_none()
                 && let Some(s) = &self.t.slots
             {
-                self.acquiring = Some(s.acquire(self.t.vouches(self.ip)));
+                // Strangers are held to their slot only when there is a room
+                // to protect: with nobody vouched for, every peer is plain.
+                let plain = self.t.trust.is_empty() || self.t.vouches(self.ip);
+                self.acquiring = Some(s.acquire(plain));
             }
             if (front.is_none() || need_slot) && !control {
                 self.wait(need_slot, front.is_none()).await?;
