@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -120,7 +120,7 @@ pub async fn run(
             claims: Bits::new(n),
             claim_times: VecDeque::new(),
             early: reg.early.then_some(reg.conn),
-            host: false,
+            host: reg.host,
             unvouched_claims: Bits::new(n),
             unvouched_times: Vec::new(),
             origin,
@@ -193,10 +193,10 @@ async fn read_message(
         Ok(r) => r?,
     };
     let n = u32::from_be_bytes(len) as usize;
-    if n > l.max_frame() {
+    if 4 + n > l.max_frame() {
         bail!(Misbehaved(format!(
             "a message of {n} bytes (at most {} here)",
-            l.max_frame()
+            l.max_frame() - 4
         )));
     }
     // Each message gets its own buffer: a block is then handed on without
@@ -251,7 +251,7 @@ struct Driver {
     /// the origin's pieces, under its connection's id.
     early: Option<u64>,
     /// The server vouches for it (as last seen, see [`Driver::refresh_host`]).
-    host: bool,
+    host: Arc<AtomicBool>,
     /// Claims it sent before the server vouched for it: they count once it
     /// does (the hosts' trust sets fill as they announce).
     unvouched_claims: Bits,
@@ -313,14 +313,14 @@ impl Driver {
     /// seconds, and each would think itself ahead of the others.
     fn refresh_host(&mut self) {
         let now = self.is_host();
-        if now == self.host {
+        if now == self.host.load(Ordering::Relaxed) {
             return;
         }
-        self.host = now;
         if !now {
+            self.host.store(false, Ordering::Relaxed);
             return;
         }
-        let ours = self.t.own_claims();
+        let ours = self.t.now_a_host(&self.host);
         if !ours.is_empty() {
             self.out.control(&ours);
         }
@@ -362,7 +362,7 @@ impl Driver {
             }
             Message::Claim(p) => {
                 self.refresh_host();
-                if self.host {
+                if self.host.load(Ordering::Relaxed) {
                     self.on_claim(p.get());
                 } else if self.unvouched_claims.set(p.get()) {
                     self.unvouched_times.push((Instant::now(), p.get()));
@@ -644,7 +644,7 @@ mod tests {
             claims: Bits::new(n),
             claim_times: VecDeque::new(),
             early: reg.early.then_some(reg.conn),
-            host: false,
+            host: reg.host,
             unvouched_claims: Bits::new(n),
             unvouched_times: Vec::new(),
             origin: false,

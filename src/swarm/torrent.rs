@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,9 @@ struct PeerEntry {
     /// When its last message other than a keep-alive came, in
     /// milliseconds since the torrent started.
     activity: Arc<AtomicU64>,
+    /// A host the server vouches for, as its connection last saw (see
+    /// [`Shared::now_a_host`]): it hears of our claims.
+    host: Arc<AtomicBool>,
 }
 
 /// A connection [`Shared::register`] let in.
@@ -78,6 +81,7 @@ pub(super) struct Registered {
     pub conn: u64,
     pub early: bool,
     pub activity: Arc<AtomicU64>,
+    pub host: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -137,8 +141,8 @@ pub(crate) struct Shared {
     verified: Verified,
     /// Pieces of this host's target found changed, logged once each.
     mismatched: Mutex<HashSet<PieceIndex>>,
-    /// Every piece this host claimed, for hosts the server vouches for
-    /// only later (see [`super::peer`]'s `refresh_host`).
+    /// Every piece this host claimed, for the hosts the server vouches for
+    /// only later (see [`Shared::now_a_host`]).
     own_claims: Mutex<Vec<PieceIndex>>,
 }
 
@@ -320,6 +324,7 @@ impl Shared {
         let conn = self.conn_serial.fetch_add(1, Ordering::Relaxed);
         let early = self.started.elapsed() < LATE_JOIN;
         let activity = Arc::new(AtomicU64::new(self.now_ms()));
+        let host = Arc::new(AtomicBool::new(false));
         peers.insert(
             id,
             PeerEntry {
@@ -333,6 +338,7 @@ impl Shared {
                 out,
                 kill,
                 activity: activity.clone(),
+                host: host.clone(),
             },
         );
         self.count_hosts(peers);
@@ -340,6 +346,7 @@ impl Shared {
             conn,
             early,
             activity,
+            host,
         })
     }
 
@@ -383,23 +390,24 @@ impl Shared {
         if !self.picker().claim(p.get()) {
             return;
         }
-        lock(&self.own_claims).push(p);
+        // Under the log's lock: each host hears of each claim once, here
+        // or in [`Shared::now_a_host`].
+        let mut log = lock(&self.own_claims);
+        log.push(p);
         let m = out::claim(p);
-        let peers = lock(&self.peers);
-        let trust = self.trust.read();
-        for e in peers.values() {
-            if !e.origin && trust.contains(&e.ip) {
+        for e in lock(&self.peers).values() {
+            if e.host.load(Ordering::Relaxed) {
                 e.out.control(&m);
             }
         }
     }
 
-    /// Our claims so far, as messages.
-    pub(super) fn own_claims(&self) -> Vec<u8> {
-        lock(&self.own_claims)
-            .iter()
-            .flat_map(|&p| out::claim(p))
-            .collect()
+    /// A connection's peer is now a host the server vouches for (`host` is
+    /// its flag): returns all our claims so far, for it to hear of.
+    pub(super) fn now_a_host(&self, host: &AtomicBool) -> Vec<u8> {
+        let log = lock(&self.own_claims);
+        host.store(true, Ordering::Relaxed);
+        log.iter().flat_map(|&p| out::claim(p)).collect()
     }
 
     /// A piece passed its hash and is on the target; `data` is it, for
