@@ -237,3 +237,32 @@ async fn hostile_wire_bytes_drop_the_peer_without_a_panic() {
         assert_eq!(rt.progress().peers, 1, "{what}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_under_way_are_bounded_per_address() {
+    let fx = fixture();
+    let (seed, _st) = fx.seed(false, Limits::default(), Trust::default()).await;
+    let addr = seed.listen_addr();
+    let closed = tokio::task::spawn_blocking(move || {
+        // Sixteen connections that say nothing take every place of their
+        // address; a seventeenth is closed at once (each of them would be
+        // at its handshake's deadline, 10 s).
+        let _silent: Vec<_> = (0..16).map(|_| dial_from(2, addr, None)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut s = dial_from(2, addr, None);
+        let t0 = Instant::now();
+        let closed = closed_within(&mut s, Duration::from_secs(3));
+        // Another address is still let in.
+        let mut other = dial_from(3, addr, None);
+        let hs = handshake(&mut other, fx.info_hash, &peer_id(b"-XX0000-"));
+        (closed, t0.elapsed(), hs.is_ok())
+    })
+    .await
+    .unwrap();
+    assert!(
+        closed.0,
+        "a 17th silent connection from one address was kept"
+    );
+    assert!(closed.1 < Duration::from_secs(3));
+    assert!(closed.2, "another address was refused");
+}

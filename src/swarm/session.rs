@@ -29,8 +29,10 @@ use crate::image::Image;
 use crate::storage::DeviceStorage;
 
 /// Handshakes under way from one address the session's torrents do not
-/// vouch for, at most (each has [`peer`]'s handshake deadline).
+/// vouch for, at most (each has [`peer`]'s handshake deadline), and from
+/// all such addresses.
 const HANDSHAKING_PER_IP: usize = 16;
+const HANDSHAKING: usize = 1024;
 /// How long a dial may take.
 const CONNECT_TIME: Duration = Duration::from_secs(5);
 /// A peer a tracker names is dialled again at most this often.
@@ -251,15 +253,17 @@ impl SessionInner {
     }
 
     /// A place for one more handshake from `ip`, given back when dropped;
-    /// `None` if that address has too many under way.
+    /// `None` if too many are under way (from that address, or from all,
+    /// unless a torrent vouches for it).
     fn handshake_slot(self: &Arc<Self>, ip: IpAddr) -> Option<Handshaking> {
         let vouched = self.lock().values().any(|(t, _)| t.shared.vouches(ip));
         let mut g = self.handshaking.lock().unwrap_or_else(|e| e.into_inner());
-        let n = g.entry(ip).or_default();
-        if *n >= HANDSHAKING_PER_IP && !vouched {
+        let full = g.get(&ip).is_some_and(|&n| n >= HANDSHAKING_PER_IP)
+            || g.values().sum::<usize>() >= HANDSHAKING;
+        if full && !vouched {
             return None;
         }
-        *n += 1;
+        *g.entry(ip).or_default() += 1;
         Some(Handshaking {
             inner: self.clone(),
             ip,
