@@ -201,9 +201,13 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let swarm = seed(&image, from.as_deref(), &cfg).await?;
-            tokio::signal::ctrl_c().await?;
+            // A source changed since capture stops the seed.
+            let r = tokio::select! {
+                r = tokio::signal::ctrl_c() => r.map_err(Into::into),
+                e = swarm.torrent.wait_failed() => Err(e),
+            };
             swarm.stop().await;
-            Ok(())
+            r
         }),
         Cmd::Receive {
             image,

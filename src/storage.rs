@@ -158,6 +158,11 @@ impl DeviceStorage {
         self.inner.written.load(Ordering::Relaxed)
     }
 
+    /// Whether this storage writes (a target), or only reads (a seed's source).
+    pub fn is_writable(&self) -> bool {
+        self.inner.writable
+    }
+
     /// Whether the target held nothing of the image when this was made.
     pub fn is_fresh(&self) -> bool {
         self.inner.fresh

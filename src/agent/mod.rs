@@ -165,6 +165,7 @@ async fn deploy(
     let cfg = SwarmConfig {
         trackers: job.trackers.iter().map(|t| client.url(t)).collect(),
         start_fraction: job.start_fraction,
+        origin: job.origin,
         ..Default::default()
     };
     let torrent = session.add(&image, &storage, &cfg).await?;

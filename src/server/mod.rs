@@ -1,6 +1,7 @@
 //! The boot server: image store and seeding, HTTP API, tracker, dashboard.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,7 +94,14 @@ pub async fn serve(
 async fn scan_loop(state: Arc<ServerState>) {
     let mut log = BTreeMap::new();
     loop {
-        store::sync(&state.config, &state.seeds, &state.images, &mut log).await;
+        store::sync(
+            &state.config,
+            &state.seeds,
+            &state.trust,
+            &state.images,
+            &mut log,
+        )
+        .await;
         store::update_states(&state.seeds, &state.images).await;
         let tracked: Vec<_> = state
             .images
@@ -106,6 +114,11 @@ async fn scan_loop(state: Arc<ServerState>) {
             })
             .collect();
         state.tracker.set_images(tracked);
+        // The seeds vouch for the hosts the tracker heard from lately (each
+        // is added at once when it announces; this drops the silent ones).
+        state
+            .trust
+            .replace(state.tracker.host_ips().into_iter().map(IpAddr::V4));
         state.prune_hosts().await;
         tokio::time::sleep(SCAN_INTERVAL).await;
     }

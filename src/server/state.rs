@@ -24,6 +24,7 @@ use super::token::HostKeys;
 use super::tracker::Tracker;
 use crate::protocol::{AgentState, DiskIdentity, Job, JobResponse, StatusAck, StatusReport};
 use crate::swarm::SwarmSession;
+use crate::swarm::Trust;
 
 /// A host silent this long, outside the running deployment, is forgotten.
 const HOST_TTL: Duration = Duration::from_secs(600);
@@ -38,6 +39,9 @@ pub struct ServerState {
     pub tracker: Tracker,
     pub seeds: SwarmSession,
     pub keys: HostKeys,
+    /// The hosts the server vouches for (token holders the tracker heard
+    /// from), shared with its seeds: strangers get one origin slot.
+    pub trust: Arc<Trust>,
     pub counters: Arc<Counters>,
     /// Jobs by MAC: from the config, changed by the admin API.
     jobs: RwLock<BTreeMap<String, Job>>,
@@ -137,6 +141,7 @@ impl ServerState {
         Self {
             tracker: Tracker::new(Duration::from_secs(config.announce_interval)),
             keys: HostKeys::load_or_create(&config.images),
+            trust: Arc::default(),
             counters,
             config,
             images: RwLock::default(),

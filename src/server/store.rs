@@ -22,7 +22,7 @@ use crate::blockdev;
 use crate::image::Image;
 use crate::image::map::PayloadMap;
 use crate::storage::DeviceStorage;
-use crate::swarm::{SwarmConfig, SwarmSession, Torrent};
+use crate::swarm::{SwarmConfig, SwarmSession, Torrent, Trust};
 
 /// How a stored image is doing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -208,6 +208,7 @@ fn note(log: &mut BTreeMap<String, String>, key: &str, msg: Option<String>) -> b
 pub async fn sync(
     cfg: &ServerConfig,
     session: &SwarmSession,
+    trust: &Arc<Trust>,
     images: &tokio::sync::RwLock<BTreeMap<String, StoredImage>>,
     log: &mut BTreeMap<String, String>,
 ) {
@@ -301,7 +302,7 @@ pub async fn sync(
             }
         };
         note(log, &name, None);
-        let loaded = load(cfg, session, &name, f, device).await;
+        let loaded = load(cfg, session, trust, &name, f, device).await;
         images.write().await.insert(name, loaded);
     }
 }
@@ -309,6 +310,7 @@ pub async fn sync(
 async fn load(
     cfg: &ServerConfig,
     session: &SwarmSession,
+    trust: &Arc<Trust>,
     name: &str,
     f: Found,
     device: Option<&Path>,
@@ -319,7 +321,7 @@ async fn load(
         info!("image {name}: loaded; seeding is left to other clients");
         (default_source(), None, SeedState::External, None)
     } else {
-        match add(cfg, session, &img, device).await {
+        match add(cfg, session, trust, &img, device).await {
             Ok((src, t, stamp)) => {
                 info!(
                     "image {name}: loaded from {}, verifying its source",
@@ -347,6 +349,7 @@ async fn load(
 async fn add(
     cfg: &ServerConfig,
     session: &SwarmSession,
+    trust: &Arc<Trust>,
     img: &Image,
     device: Option<&Path>,
 ) -> Result<(PathBuf, Torrent, Option<FileStamp>)> {
@@ -356,6 +359,7 @@ async fn add(
     let swarm_cfg = SwarmConfig {
         trackers: vec![cfg.announce_url()],
         disable_trackers: cfg.tracker == "builtin",
+        trust: trust.clone(),
         ..Default::default()
     };
     let t = session

@@ -32,9 +32,6 @@ use serde::Serialize;
 // Hosts per swarm: past it, the one silent longest is evicted.
 use super::MAX_HOSTS;
 
-/// The server's seeds still announce with peer ids that start with this,
-/// for the hosts' piece scheduling; the tracker gives it no weight.
-pub const ORIGIN_PREFIX: &[u8] = b"-BS0ORIGIN-";
 /// Guests per swarm, and per source address.
 pub const MAX_GUESTS: usize = 256;
 pub const MAX_GUESTS_PER_IP: usize = 4;

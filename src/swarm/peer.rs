@@ -1,464 +1,224 @@
-//! One peer connection: the BEP 3 wire protocol, uploads, and fetching the
-//! pieces the [`Picker`](super::picker::Picker) assigns it.
+//! One peer connection: its reader, its [`Writer`], and the driver that
+//! handles the peer's messages and fetches the pieces the
+//! [`Picker`](super::picker::Picker) assigns it.
 //!
-//! Three tasks per connection: a reader that parses messages, a writer that
-//! sends control messages first and then the requested blocks in order, and
-//! a driver that keeps requests flowing. Each piece is fetched whole from one
-//! peer into memory, hashed, and only then written to the target.
+//! The reader decodes each frame into a checked [`Message`] under a
+//! deadline; the driver queues what the peer asks for in the connection's
+//! bounded [`Outbox`] and keeps requests flowing. Each piece is fetched
+//! whole from one peer into memory, hashed, and only then written to the
+//! target. However a connection ends (even by a panic), [`Connection`]'s
+//! drop gives its pieces back to the picker and unregisters it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use librqbit_peer_protocol::{Handshake, Message, Request};
-use sha1w::ISha1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
+use super::outbox::Outbox;
 use super::picker::{Bits, PeerPieces};
-use super::{PeerId, Shared, until_true};
+use super::torrent::{MAX_BAD_PIECES, Shared};
+use super::wire::{
+    BLOCK, Block, HANDSHAKE_LEN, Lengths, Message, PIECE_HEADER, PieceIndex, decode, out,
+    parse_handshake,
+};
+use super::writer::{WRITE_BATCH, Writer};
+use super::{PeerId, until_true};
 
-/// Bytes per request (the size every client uses).
-pub const BLOCK: u32 = 16 << 10;
-/// Largest block a peer may ask for.
-const MAX_REQUEST: u32 = 128 << 10;
-/// Requests from one peer queued at most; more are dropped.
-const MAX_QUEUED: usize = 1024;
 /// A peer with requests pending that sends nothing for this long is dropped.
 const STALL: Duration = Duration::from_secs(30);
-/// Silence after which a connection is considered dead.
+/// Silence after which a connection is considered dead (peers send a
+/// keep-alive every minute or two).
 const IDLE: Duration = Duration::from_secs(180);
-const KEEPALIVE: Duration = Duration::from_secs(60);
-/// An upload slot is given up after this long (a slow or stuck peer), and
-/// the piece finished without one.
-const SLOT_HOLD: Duration = Duration::from_secs(5);
-/// A slot whose peer asks for nothing more for this long is given up.
-const SLOT_IDLE: Duration = Duration::from_millis(200);
+/// A message must arrive whole within this long of its length prefix.
+const FRAME_TIME: Duration = Duration::from_secs(20);
+/// Each side's handshake must arrive, or leave, within this long.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
 /// Unsent bytes the origin's socket holds at most, in pieces, so that what
 /// the writer sends next (the upload-slot order) goes on the wire soon after.
 const NOTSENT_PIECES: u64 = 1;
 /// What a host's socket may hold unsent: one write batch. Blocks still
-/// queued here can be cancelled (a copy that came from elsewhere) instead of
-/// going out behind the ones already in the socket.
+/// queued in the outbox can be cancelled (a copy that came from elsewhere)
+/// instead of going out behind the ones already in the socket.
 const HOST_NOTSENT: u32 = WRITE_BATCH as u32;
-/// A slot's piece counts as sent when its socket holds at most this much.
-const DRAINED: usize = 32 << 10;
-/// How often a draining slot looks at its socket.
-const DRAIN_POLL: Duration = Duration::from_millis(2);
-/// Queued blocks sent in one write at most (bytes; one block at least).
-const WRITE_BATCH: usize = 64 << 10;
-/// Pieces failing their hash before a peer is dropped.
-const MAX_BAD_PIECES: u32 = 3;
-
-const HANDSHAKE_LEN: usize = 68;
-/// Our own message, sent only to other blockswarm hosts: "I am fetching
-/// this piece from the origin", so that they leave it to us there. Other
-/// clients skip ids they do not know.
-const CLAIM_ID: u8 = 0xB5;
-/// Length prefix, id, index and begin of a piece message.
-const PIECE_HEADER: usize = 13;
 /// The reader's buffer for small messages.
 const READ_BUFFER: usize = 4 << 10;
 
-/// Ours: no extensions, so peers send nothing beyond BEP 3.
-pub fn handshake(info_hash: [u8; 20], peer_id: PeerId) -> [u8; HANDSHAKE_LEN] {
-    let mut h = Handshake::new(
-        librqbit_core::Id20::new(info_hash),
-        librqbit_core::Id20::new(peer_id),
-    );
-    h.reserved = 0;
-    let mut buf = [0u8; HANDSHAKE_LEN];
-    let _ = h.serialize_unchecked_len(&mut buf);
-    buf
+/// A peer broke the protocol or a bound: it is dropped, and the reason
+/// logged as a warning (other ends are routine).
+#[derive(Debug)]
+pub struct Misbehaved(pub String);
+
+impl std::fmt::Display for Misbehaved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
+
+impl std::error::Error for Misbehaved {}
 
 /// Reads the other side's handshake: (info hash, peer id).
 pub async fn read_handshake(s: &mut TcpStream) -> Result<([u8; 20], PeerId)> {
     let mut buf = [0u8; HANDSHAKE_LEN];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+    tokio::time::timeout(HANDSHAKE_TIME, s.read_exact(&mut buf))
         .await
-        .context("no handshake within 10 s")??;
-    let (h, _) = Handshake::deserialize(&buf).map_err(|e| anyhow::anyhow!("bad handshake: {e}"))?;
-    Ok((h.info_hash.0, h.peer_id.0))
+        .with_context(|| format!("no handshake within {} s", HANDSHAKE_TIME.as_secs()))??;
+    Ok(parse_handshake(&buf)?)
 }
 
-fn encode(m: &Message<'_>) -> Vec<u8> {
-    let len = match m {
-        Message::Bitfield(b) => b.as_ref().len() + 5,
-        _ => 32,
-    };
-    let mut buf = vec![0u8; len];
-    let n = m.serialize(&mut buf, &Default::default).unwrap_or(0);
-    buf.truncate(n);
-    buf
+pub async fn write_handshake(s: &mut TcpStream, h: &[u8]) -> Result<()> {
+    tokio::time::timeout(HANDSHAKE_TIME, s.write_all(h))
+        .await
+        .context("our handshake could not be sent")??;
+    Ok(())
 }
 
-/// What the driver and the torrent hand to a connection's writer.
-#[derive(Debug)]
-pub enum Out {
-    Raw(Vec<u8>),
-    Upload(Request),
-    Cancel(Request),
-}
-
-impl Out {
-    pub fn have(piece: usize) -> Self {
-        Out::Raw(encode(&Message::Have(piece as u32)))
-    }
-
-    pub fn claim(piece: usize) -> Self {
-        let mut m = vec![0, 0, 0, 5, CLAIM_ID];
-        m.extend_from_slice(&(piece as u32).to_be_bytes());
-        Out::Raw(m)
-    }
-}
-
-/// Messages the reader passes to the driver.
-enum In {
-    Choke,
-    Unchoke,
-    Have(u32),
-    Claim(u32),
-    Bitfield(Vec<u8>),
-    Request(Request),
-    Cancel(Request),
-    /// The whole message; the block starts at [`PIECE_HEADER`].
-    Piece {
-        index: u32,
-        begin: u32,
-        frame: Vec<u8>,
-    },
-    Other,
-}
-
-/// Runs a connection whose handshakes are done, until it ends.
+/// Runs a connection whose handshakes are done, until it ends; the error
+/// says why it did (a [`Misbehaved`] one: the peer's fault).
 pub async fn run(
     t: Arc<Shared>,
     stream: TcpStream,
     their_id: PeerId,
     addr: SocketAddr,
     outgoing: bool,
-) {
+) -> Result<()> {
     let _ = stream.set_nodelay(true);
     let lowat = if t.slots.is_some() {
-        (t.piece_len * NOTSENT_PIECES).clamp(128 << 10, 16 << 20) as u32
+        (u64::from(t.lengths.piece_len()) * NOTSENT_PIECES).clamp(128 << 10, 16 << 20) as u32
     } else {
         HOST_NOTSENT
     };
     let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(lowat);
+    let out = Arc::new(Outbox::new(t.control_cap()));
+    let kill = Arc::new(Notify::new());
+    let reg = t
+        .register(their_id, addr, outgoing, out.clone(), kill.clone())
+        .map_err(|e| anyhow::anyhow!("not let in: {e}"))?;
     let (r, w) = stream.into_split();
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let kill = Arc::new(tokio::sync::Notify::new());
-    let Some((conn_id, counted)) = t.register(their_id, outgoing, out_tx.clone(), kill.clone())
-    else {
-        debug!(%addr, "already connected to this peer");
-        return;
-    };
-    let origin = their_id.starts_with(crate::server::tracker::ORIGIN_PREFIX);
     let (in_tx, in_rx) = mpsc::channel(64);
-    let reader = tokio::spawn(reader(r, in_tx, t.pieces.len()));
-    let writer = tokio::spawn(writer(w, out_rx, t.clone()));
-    let mut d = Driver {
-        addr,
-        t: t.clone(),
-        out: out_tx,
-        bits: PeerPieces::new(t.pieces.len()),
-        claims: Bits::new(t.pieces.len()),
-        claim_times: VecDeque::new(),
-        host: their_id.starts_with(super::HOST_PREFIX),
-        counted: counted.then_some(conn_id),
-        origin,
-        choked: true,
-        interested: false,
-        fetches: Vec::new(),
-        outstanding: 0,
-        last_data: Instant::now(),
-        bad: 0,
+    let n = t.lengths.count();
+    let origin = outgoing && t.origin == Some(addr);
+    let mut c = Connection {
+        reader: tokio::spawn(reader(r, in_tx, t.lengths)),
+        writer: tokio::spawn(Writer::new(w, out.clone(), t.clone(), addr.ip()).run()),
+        conn: reg.conn,
+        d: Driver {
+            addr,
+            id: their_id,
+            t,
+            out,
+            bits: PeerPieces::new(n),
+            claims: Bits::new(n),
+            claim_times: VecDeque::new(),
+            early: reg.early.then_some(reg.conn),
+            host: reg.host,
+            unvouched_claims: Bits::new(n),
+            unvouched_times: Vec::new(),
+            origin,
+            choked: true,
+            interested: false,
+            fetches: Vec::new(),
+            outstanding: 0,
+            last_data: Instant::now(),
+            activity: reg.activity,
+        },
     };
-    let r = tokio::select! {
-        r = d.run(in_rx) => r,
+    tokio::select! {
+        r = c.d.run(in_rx) => r,
+        r = &mut c.writer => match r {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the writer failed: {e}")),
+        },
         _ = kill.notified() => Ok(()),
-    };
-    match &r {
-        Ok(()) => debug!(%addr, "peer closed"),
-        Err(e) => debug!(%addr, "peer dropped: {e:#}"),
     }
-    d.cleanup();
-    t.unregister(their_id, conn_id);
-    reader.abort();
-    writer.abort();
 }
 
-async fn reader(r: OwnedReadHalf, tx: mpsc::Sender<In>, pieces: usize) -> Result<()> {
-    let max = (pieces / 8 + 64).max(MAX_REQUEST as usize + 64);
-    // Small messages (Haves, requests, headers) come many to one read; a
-    // block larger than the buffer is read straight into its frame.
+/// A running connection. Dropped however its task ends, it gives the
+/// pieces in flight back to the picker and unregisters the peer.
+struct Connection {
+    d: Driver,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<Result<()>>,
+    conn: u64,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+        self.d.cleanup();
+        self.d.t.unregister(self.d.id, self.conn);
+    }
+}
+
+/// What the reader passes on: a message, with its frame if it is a block.
+type Incoming = Result<(Message, Option<Vec<u8>>)>;
+
+async fn reader(r: OwnedReadHalf, tx: mpsc::Sender<Incoming>, l: Lengths) {
     let mut r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     loop {
-        let mut len = [0u8; 4];
-        tokio::time::timeout(IDLE, r.read_exact(&mut len))
-            .await
-            .context("peer silent")??;
-        let n = u32::from_be_bytes(len) as usize;
-        if n > max {
-            bail!("message of {n} bytes");
-        }
-        // Each message gets its own buffer: a block is then handed on
-        // without another copy.
-        let mut frame = vec![0u8; 4 + n];
-        frame[..4].copy_from_slice(&len);
-        r.read_exact(&mut frame[4..]).await?;
-        let m = match frame.get(4) {
-            // KeepAlive, or a message id outside BEP 3 (extensions we never
-            // announced support for): skipped.
-            None => In::Other,
-            Some(&CLAIM_ID) if n == 5 => {
-                In::Claim(u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]))
-            }
-            Some(id) if *id > 8 => In::Other,
-            Some(_) => {
-                let parsed = Message::deserialize(&frame, &[])
-                    .map_err(|e| anyhow::anyhow!("bad message: {e}"))?
-                    .0;
-                match parsed {
-                    Message::Choke => In::Choke,
-                    Message::Unchoke => In::Unchoke,
-                    Message::Have(i) => In::Have(i),
-                    Message::Bitfield(b) => In::Bitfield(b.as_ref().to_vec()),
-                    Message::Request(q) => In::Request(q),
-                    Message::Cancel(q) => In::Cancel(q),
-                    Message::Piece(p) => {
-                        let (index, begin) = (p.index, p.begin);
-                        In::Piece {
-                            index,
-                            begin,
-                            frame,
-                        }
-                    }
-                    _ => In::Other,
-                }
-            }
+        let m = read_message(&mut r, &l).await;
+        let end = !matches!(m, Ok(Some(_)));
+        let m = match m {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => return,
+            Err(e) => Err(e),
         };
-        if tx.send(m).await.is_err() {
-            return Ok(());
+        if tx.send(m).await.is_err() || end {
+            return;
         }
     }
 }
 
-type Acquire = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
-            > + Send,
-    >,
->;
-
-/// An upload slot held for one piece.
-struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    piece: u32,
-    since: Instant,
-    /// When its last block went out.
-    last: Instant,
-}
-
-async fn writer(
-    mut w: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    t: Arc<Shared>,
-) -> Result<()> {
-    let mut queue: VecDeque<Request> = VecDeque::new();
-    let mut buf = Vec::new();
-    let mut control = Vec::new();
-    let mut blocks: Vec<(Request, u64, usize)> = Vec::new();
-    let mut slot: Option<Slot> = None;
-    // A piece whose slot expired: it is finished without one.
-    let mut unslotted: Option<u32> = None;
-    let mut acquiring: Option<Acquire> = None;
-    loop {
-        // The slot goes back when the next block is of another piece, or
-        // when a slow peer has held it too long.
-        if let (Some(s), Some(q)) = (&slot, queue.front()) {
-            if s.piece != q.index {
-                slot = None;
-            } else if s.since.elapsed() > SLOT_HOLD {
-                unslotted = Some(s.piece);
-                slot = None;
-            }
-        }
-        let need_slot = t.slots.is_some()
-            && slot.is_none()
-            && queue.front().is_some_and(|q| unslotted != Some(q.index));
-        if !need_slot {
-            // A waiting acquire is granted a permit even while not polled.
-            acquiring = None;
-        } else if acquiring.is_none()
-            && let Some(sem) = &t.slots
-        {
-            acquiring = Some(Box::pin(sem.clone().acquire_owned()));
-        }
-        let first = if queue.is_empty() || need_slot {
-            let idle = slot.as_ref().map(|s| s.last + SLOT_IDLE);
-            tokio::select! {
-                o = rx.recv() => match o {
-                    Some(o) => Some(o),
-                    None => return Ok(()),
-                },
-                p = async {
-                    match acquiring.as_mut() {
-                        Some(a) => a.await,
-                        None => std::future::pending().await,
-                    }
-                }, if need_slot => {
-                    acquiring = None;
-                    if let (Ok(p), Some(q)) = (p, queue.front()) {
-                        let now = Instant::now();
-                        slot = Some(Slot { _permit: p, piece: q.index, since: now, last: now });
-                    }
-                    continue;
-                }
-                // A peer that stops asking gives its slot back.
-                _ = tokio::time::sleep_until(idle.unwrap_or_else(Instant::now)), if idle.is_some() && queue.is_empty() => {
-                    slot = None;
-                    continue;
-                }
-                _ = tokio::time::sleep(KEEPALIVE), if queue.is_empty() => {
-                    w.write_all(&encode(&Message::KeepAlive)).await?;
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
-        // Everything queued is taken at once: control messages go out in
-        // one write (one packet) rather than one each.
-        let mut next = first;
-        loop {
-            let o = match next.take() {
-                Some(o) => o,
-                None => match rx.try_recv() {
-                    Ok(o) => o,
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
-                },
-            };
-            match o {
-                Out::Raw(b) => control.extend_from_slice(&b),
-                Out::Upload(q) => {
-                    if queue.len() < MAX_QUEUED {
-                        queue.push_back(q);
-                    }
-                }
-                Out::Cancel(q) => {
-                    let same =
-                        |x: &Request| (x.index, x.begin, x.length) == (q.index, q.begin, q.length);
-                    queue.retain(|x| !same(x));
-                }
-            }
-        }
-        // Queued blocks go out together, up to WRITE_BATCH bytes; from the
-        // origin, only blocks of one piece (its slot's).
-        blocks.clear();
-        let mut len = 0;
-        while !need_slot && len < WRITE_BATCH {
-            let Some(q) = queue.front().copied() else {
-                break;
-            };
-            if t.slots.is_some() && blocks.first().is_some_and(|b| b.0.index != q.index) {
-                break;
-            }
-            queue.pop_front();
-            let Some(off) = t.block_offset(q.index, q.begin, q.length, MAX_REQUEST) else {
-                bail!("invalid request {q:?}");
-            };
-            // Not announced by us: a confused peer.
-            if t.has(q.index as usize) {
-                blocks.push((q, off, 0));
-                len += q.length as usize;
-            }
-        }
-        // Under an upload cap the blocks may wait; control does not.
-        if (blocks.is_empty() || t.up_limit.is_capped()) && !control.is_empty() {
-            w.write_all(&control).await?;
-            control.clear();
-        }
-        if blocks.is_empty() {
-            continue;
-        }
-        // Control messages ride in the same write as the blocks (no packet
-        // of their own), which are read straight into their messages. Reads
-        // mostly hit the page cache; a disk read parks this worker only.
-        buf.clear();
-        buf.append(&mut control);
-        for (q, _, at) in blocks.iter_mut() {
-            buf.extend_from_slice(&(9 + q.length).to_be_bytes());
-            buf.push(7);
-            buf.extend_from_slice(&q.index.to_be_bytes());
-            buf.extend_from_slice(&q.begin.to_be_bytes());
-            *at = buf.len();
-            buf.resize(*at + q.length as usize, 0);
-        }
-        blocking(|| -> Result<()> {
-            for &(q, off, at) in &blocks {
-                t.storage.read(off, &mut buf[at..at + q.length as usize])?;
-            }
-            Ok(())
-        })?;
-        t.up_limit.take(len).await;
-        w.write_all(&buf).await?;
-        t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
-        let (q, _, _) = blocks[blocks.len() - 1];
-        if (q.begin + q.length) as usize >= t.piece_size(q.index as usize) {
-            if let Some(s) = &slot {
-                drain(&w, s.since + SLOT_HOLD).await;
-            }
-            slot = None;
-        } else if let Some(s) = &mut slot {
-            s.last = Instant::now();
-        }
+/// The next message, `None` at the end of the stream. Small messages
+/// (haves, requests, headers) come many to one read; a block larger than
+/// the buffer is read straight into its frame.
+async fn read_message(
+    r: &mut tokio::io::BufReader<OwnedReadHalf>,
+    l: &Lengths,
+) -> Result<Option<(Message, Option<Vec<u8>>)>> {
+    let mut len = [0u8; 4];
+    match tokio::time::timeout(IDLE, r.read_exact(&mut len)).await {
+        Err(_) => bail!("silent for {} s", IDLE.as_secs()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(r) => r?,
+    };
+    let n = u32::from_be_bytes(len) as usize;
+    if 4 + n > l.max_frame() {
+        bail!(Misbehaved(format!(
+            "a message of {n} bytes (at most {} here)",
+            l.max_frame() - 4
+        )));
     }
-}
-
-nix::ioctl_read_bad!(siocoutqnsd, 0x894B, nix::libc::c_int);
-
-/// Waits until the socket has sent all but [`DRAINED`] bytes of what it was
-/// given (or until `deadline`): a slot's piece is on the wire before the
-/// slot goes to the next one, so the origin sends few pieces at a time.
-async fn drain(w: &OwnedWriteHalf, deadline: Instant) {
-    while unsent(w).is_some_and(|n| n > DRAINED) && Instant::now() < deadline {
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
-}
-
-/// Bytes the socket holds that it has not sent yet.
-fn unsent(w: &OwnedWriteHalf) -> Option<usize> {
-    let mut n: nix::libc::c_int = 0;
-    // SAFETY: SIOCOUTQNSD writes one int; the fd is an open TCP socket.
-    unsafe { siocoutqnsd(w.as_ref().as_raw_fd(), &mut n) }.ok()?;
-    usize::try_from(n).ok()
-}
-
-/// Runs a short blocking call on this worker, letting the runtime move its
-/// other tasks elsewhere (when it has other workers).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
+    // Each message gets its own buffer: a block is then handed on without
+    // another copy.
+    let mut frame = vec![0u8; 4 + n];
+    frame[..4].copy_from_slice(&len);
+    tokio::time::timeout(FRAME_TIME, r.read_exact(&mut frame[4..]))
+        .await
+        .map_err(|_| {
+            Misbehaved(format!(
+                "a message of {n} bytes did not arrive whole within {} s",
+                FRAME_TIME.as_secs()
+            ))
+        })??;
+    let m = decode(&frame, l).map_err(|e| Misbehaved(e.to_string()))?;
+    let frame = matches!(m, Message::Piece(_)).then_some(frame);
+    Ok(Some((m, frame)))
 }
 
 /// A piece being fetched from this peer.
 struct Fetch {
-    index: usize,
+    index: PieceIndex,
     buf: Vec<u8>,
     /// Next byte to request.
     next: u32,
@@ -469,20 +229,34 @@ struct Fetch {
     last: Instant,
 }
 
+impl Fetch {
+    /// The block at `begin` (the last one may be short).
+    fn block(&self, l: &Lengths, begin: u32) -> Option<Block> {
+        let left = (self.buf.len() as u32).checked_sub(begin)?;
+        l.block(self.index, begin, BLOCK.min(left))
+    }
+}
+
 struct Driver {
     addr: SocketAddr,
+    id: PeerId,
     t: Arc<Shared>,
-    out: mpsc::UnboundedSender<Out>,
+    out: Arc<Outbox>,
     bits: PeerPieces,
     /// Pieces the peer is fetching from the origin (not held yet), and
     /// when it said so: a claim not filled within [`STALL`] is forgotten.
     claims: Bits,
     claim_times: VecDeque<(Instant, usize)>,
-    /// Another blockswarm host: the only kind whose claims count.
-    host: bool,
-    /// Its claims count in this host's share of the origin's pieces: its
-    /// connection's id.
-    counted: Option<u64>,
+    /// Came early: a vouched host's claims count in this host's share of
+    /// the origin's pieces, under its connection's id.
+    early: Option<u64>,
+    /// The server vouches for it (as last seen, see [`Driver::refresh_host`]).
+    host: Arc<AtomicBool>,
+    /// Claims it sent before the server vouched for it: they count once it
+    /// does (the hosts' trust sets fill as they announce).
+    unvouched_claims: Bits,
+    unvouched_times: Vec<(Instant, usize)>,
+    /// The server's seed (the configured origin, dialled by us).
     origin: bool,
     /// The peer chokes us.
     choked: bool,
@@ -491,24 +265,26 @@ struct Driver {
     /// Block requests sent and not answered.
     outstanding: usize,
     last_data: Instant,
-    bad: u32,
+    /// See the torrent's peer entries.
+    activity: Arc<AtomicU64>,
 }
 
 impl Driver {
-    async fn run(&mut self, mut rx: mpsc::Receiver<In>) -> Result<()> {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Incoming>) -> Result<()> {
         let have = self.t.have_bytes();
         if have.iter().any(|&b| b != 0) {
-            self.send(Out::Raw(encode(&Message::Bitfield(have.as_slice().into()))));
+            self.out.control(&out::bitfield(&have));
         }
-        self.send(Out::Raw(encode(&Message::Unchoke)));
+        self.out.control(&out::unchoke());
         let mut changed = self.t.changed.subscribe();
         let mut stopped = self.t.stopped.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            self.refresh_host();
             self.fill();
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => self.handle(m).await?,
+                    Some(m) => self.handle(m?).await?,
                     None => return Ok(()),
                 },
                 r = changed.changed() => r?,
@@ -524,79 +300,113 @@ impl Driver {
         }
     }
 
-    fn send(&self, o: Out) {
-        let _ = self.out.send(o);
+    /// Another blockswarm host the server vouches for: its claims count,
+    /// and it hears of ours.
+    fn is_host(&self) -> bool {
+        !self.origin && self.t.vouches(self.addr.ip())
     }
 
-    async fn handle(&mut self, m: In) -> Result<()> {
+    /// Once the server vouches for the peer (at once, or when the trust set
+    /// grows), what each side claimed before counts: it hears of all our
+    /// claims, and the ones it sent meanwhile take effect. Otherwise the
+    /// hosts' shares of the origin's pieces would miss the room's first
+    /// seconds, and each would think itself ahead of the others.
+    fn refresh_host(&mut self) {
+        let now = self.is_host();
+        if now == self.host.load(Ordering::Relaxed) {
+            return;
+        }
+        if !now {
+            self.host.store(false, Ordering::Relaxed);
+            return;
+        }
+        let ours = self.t.now_a_host(&self.host);
+        if !ours.is_empty() {
+            self.out.control(&ours);
+        }
+        for (at, i) in std::mem::take(&mut self.unvouched_times) {
+            self.unvouched_claims.unset(i);
+            if at.elapsed() <= STALL {
+                self.on_claim(i);
+            } else {
+                self.t.picker().past_claim(self.early);
+            }
+        }
+    }
+
+    /// A claim of a vouched host: the origin's piece `i` is its to fetch,
+    /// unless it already holds it (a claim told late).
+    fn on_claim(&mut self, i: usize) {
+        if self.bits.get(i) {
+            self.t.picker().past_claim(self.early);
+        } else if self.claims.set(i) {
+            self.claim_times.push_back((Instant::now(), i));
+            self.t.picker().peer_claims(i, self.early);
+        }
+    }
+
+    async fn handle(&mut self, (m, frame): (Message, Option<Vec<u8>>)) -> Result<()> {
+        if m != Message::KeepAlive {
+            self.activity.store(self.t.now_ms(), Ordering::Relaxed);
+        }
         match m {
-            In::Choke => {
+            Message::Choke => {
                 self.choked = true;
                 // A choking peer drops our requests.
                 self.drop_fetches(false);
             }
-            In::Unchoke => self.choked = false,
-            In::Have(i) => {
-                let i = i as usize;
-                let mut p = self.t.picker();
-                if self.bits.set(i, p.have()) {
-                    if self.claims.unset(i) {
-                        p.claim_held(i);
-                    } else {
-                        p.peer_has(i, self.origin);
-                    }
-                    drop(p);
-                    self.update_interest();
-                }
-            }
-            In::Claim(i) => {
-                let i = i as usize;
-                if self.host
-                    && i < self.bits.bits().len()
-                    && !self.bits.get(i)
-                    && self.claims.set(i)
-                {
-                    self.claim_times.push_back((Instant::now(), i));
-                    self.t.picker().peer_claims(i, self.counted);
-                }
-            }
-            In::Bitfield(b) => {
-                let new = Bits::from_bytes(self.bits.bits().len(), &b);
-                let mut p = self.t.picker();
-                for i in new.iter_set() {
-                    if self.bits.set(i, p.have()) {
-                        if self.claims.unset(i) {
-                            p.claim_held(i);
-                        } else {
-                            p.peer_has(i, self.origin);
-                        }
-                    }
-                }
-                drop(p);
+            Message::Unchoke => self.choked = false,
+            Message::Have(p) => {
+                self.peer_has([p.get()].into_iter());
                 self.update_interest();
             }
-            In::Request(q) => self.send(Out::Upload(q)),
-            In::Cancel(q) => self.send(Out::Cancel(q)),
-            In::Piece {
-                index,
-                begin,
-                frame,
-            } => self.on_block(index, begin, &frame[PIECE_HEADER..]).await?,
-            In::Other => {}
+            Message::Claim(p) => {
+                self.refresh_host();
+                if self.host.load(Ordering::Relaxed) {
+                    self.on_claim(p.get());
+                } else if self.unvouched_claims.set(p.get()) {
+                    self.unvouched_times.push((Instant::now(), p.get()));
+                }
+            }
+            Message::Bitfield(b) => {
+                self.peer_has(b.iter_set());
+                self.update_interest();
+            }
+            Message::Request(b) => self.out.request(b).map_err(Misbehaved)?,
+            Message::Cancel(b) => self.out.cancel(&b),
+            Message::Piece(b) => {
+                let data = frame
+                    .as_deref()
+                    .and_then(|f| f.get(PIECE_HEADER..))
+                    .unwrap_or_default();
+                self.on_block(b, data).await?;
+            }
+            Message::KeepAlive
+            | Message::Interested
+            | Message::NotInterested
+            | Message::Other(_) => {}
         }
         Ok(())
+    }
+
+    fn peer_has(&mut self, pieces: impl Iterator<Item = usize>) {
+        let mut p = self.t.picker();
+        for i in pieces {
+            if self.bits.set(i, p.have()) {
+                if self.claims.unset(i) {
+                    p.claim_held(i);
+                } else {
+                    p.peer_has(i, self.origin);
+                }
+            }
+        }
     }
 
     fn update_interest(&mut self) {
         let want = self.t.picker().wants_from(&mut self.bits);
         if want != self.interested {
             self.interested = want;
-            let m = if want {
-                Message::Interested
-            } else {
-                Message::NotInterested
-            };
-            self.send(Out::Raw(encode(&m)));
+            self.out.control(&out::interested(want));
         }
     }
 
@@ -616,33 +426,36 @@ impl Driver {
             return;
         }
         let window = super::REQUEST_WINDOW;
+        let l = self.t.lengths;
         while self.outstanding < window {
             if let Some(f) = self
                 .fetches
                 .iter_mut()
                 .find(|f| (f.next as usize) < f.buf.len())
             {
-                let len = BLOCK.min(f.buf.len() as u32 - f.next);
-                let q = Request::new(f.index as u32, f.next, len);
-                f.next += len;
+                let Some(b) = f.block(&l, f.next) else {
+                    f.next = f.buf.len() as u32;
+                    continue;
+                };
+                f.next = b.end();
                 self.outstanding += 1;
-                let _ = self.out.send(Out::Raw(encode(&Message::Request(q))));
+                self.out.control(&out::request(&b));
                 continue;
             }
             let max_fetches = window.div_ceil(self.t.blocks_per_piece()).max(1) + 1;
             if self.fetches.len() >= max_fetches || !self.t.reserve_memory() {
                 break;
             }
-            let fetching: Vec<usize> = self.fetches.iter().map(|f| f.index).collect();
+            let fetching: Vec<usize> = self.fetches.iter().map(|f| f.index.get()).collect();
             let picked = self
                 .t
                 .picker()
                 .pick_except(&mut self.bits, self.origin, &fetching);
-            let Some(index) = picked else {
+            let Some(index) = picked.and_then(|i| l.piece_at(i)) else {
                 self.t.release_memory();
                 break;
             };
-            let size = self.t.piece_size(index);
+            let size = l.size(index) as usize;
             self.fetches.push(Fetch {
                 index,
                 buf: vec![0u8; size],
@@ -657,24 +470,34 @@ impl Driver {
         }
     }
 
-    async fn on_block(&mut self, index: u32, begin: u32, data: &[u8]) -> Result<()> {
-        let Some(pos) = self.fetches.iter().position(|f| f.index == index as usize) else {
+    /// A block arrived. `b` lies inside its piece and `data` is `b.len()`
+    /// bytes (the decoder checked both).
+    async fn on_block(&mut self, b: Block, data: &[u8]) -> Result<()> {
+        let Some(pos) = self.fetches.iter().position(|f| f.index == b.piece()) else {
             return Ok(()); // cancelled or a late duplicate
         };
+        let l = self.t.lengths;
         let f = &mut self.fetches[pos];
-        let b = (begin / BLOCK) as usize;
-        if !begin.is_multiple_of(BLOCK)
-            || begin + data.len() as u32 > f.next
-            || f.got.get(b).is_none_or(|g| *g)
-            || data.len() as u32 != BLOCK.min(f.buf.len() as u32 - begin)
-        {
-            bail!("unrequested block {index}:{begin}+{}", data.len());
-        }
-        f.buf[begin as usize..begin as usize + data.len()].copy_from_slice(data);
-        f.got[b] = true;
+        let k = (b.begin() / BLOCK) as usize;
+        let range = b.begin() as usize..b.end() as usize;
+        let expected = b.begin().is_multiple_of(BLOCK)
+            && b.end() <= f.next
+            && f.got.get(k) == Some(&false)
+            && f.block(&l, b.begin()) == Some(b)
+            && data.len() == range.len();
+        let Some(dst) = f.buf.get_mut(range).filter(|_| expected) else {
+            bail!(Misbehaved(format!(
+                "a block we did not ask for: piece {} bytes {}+{}",
+                b.piece(),
+                b.begin(),
+                data.len()
+            )));
+        };
+        dst.copy_from_slice(data);
+        f.got[k] = true;
         f.received += data.len();
         f.last = Instant::now();
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         self.last_data = Instant::now();
         self.t.down_limit.take(data.len()).await;
         if f.received < f.buf.len() {
@@ -684,37 +507,33 @@ impl Driver {
         self.t.release_memory();
         let index = f.index;
         if self.t.has(index) {
-            self.t.picker().release(index);
+            self.t.picker().release(index.get());
             return Ok(());
         }
         let t = self.t.clone();
-        let ok = tokio::task::spawn_blocking(move || -> Result<bool> {
-            let mut h = sha1w::Sha1::new();
-            h.update(&f.buf);
-            if h.finish() != t.pieces[index] {
-                return Ok(false);
+        let checked = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>> {
+            if !t.hash_matches(index, &f.buf) {
+                return Ok(None);
             }
-            t.storage.write(index as u64 * t.piece_len, &f.buf)?;
-            Ok(true)
+            t.storage.write(t.lengths.offset(index), &f.buf)?;
+            Ok(Some(f.buf))
         })
         .await?;
-        match ok {
-            Ok(true) => self.t.piece_done(index, self.origin),
-            Ok(false) => {
-                self.t.picker().release(index);
+        match checked {
+            Ok(Some(buf)) => self.t.piece_done(index, self.origin, Arc::new(buf)),
+            Ok(None) => {
+                self.t.picker().release(index.get());
                 self.t.bump();
-                self.bad += 1;
-                debug!(piece = index, "piece failed its hash");
-                if self.bad >= MAX_BAD_PIECES {
-                    warn!(
-                        "peer {}: {} pieces it sent failed their hash; dropped",
-                        self.addr, self.bad
-                    );
-                    bail!("{} pieces failed their hash", self.bad);
+                let n = self.t.strike(self.addr.ip(), self.id);
+                debug!(addr = %self.addr, piece = %index, "piece failed its hash");
+                if n >= MAX_BAD_PIECES {
+                    bail!(Misbehaved(format!(
+                        "{n} pieces it sent failed their hash; banned for this torrent"
+                    )));
                 }
             }
             Err(e) => {
-                self.t.picker().release(index);
+                self.t.picker().release(index.get());
                 self.t.fail(format!("{e:#}"));
                 return Err(e);
             }
@@ -724,6 +543,7 @@ impl Driver {
 
     /// Gives a fetch back to the picker, cancelling its pending blocks.
     fn abandon(&mut self, f: Fetch, cancel: bool) {
+        let l = self.t.lengths;
         let mut off = 0u32;
         for &got in &f.got {
             if off >= f.next {
@@ -731,20 +551,18 @@ impl Driver {
             }
             if !got {
                 self.outstanding = self.outstanding.saturating_sub(1);
-                if cancel {
-                    let len = BLOCK.min(f.buf.len() as u32 - off);
-                    let q = Request::new(f.index as u32, off, len);
-                    let _ = self.out.send(Out::Raw(encode(&Message::Cancel(q))));
+                if cancel && let Some(b) = f.block(&l, off) {
+                    self.out.control(&out::cancel(&b));
                 }
             }
-            off += BLOCK;
+            off = off.saturating_add(BLOCK);
         }
         self.t.release_memory();
         {
             let mut p = self.t.picker();
-            p.release(f.index);
+            p.release(f.index.get());
             if self.origin {
-                p.reclaim_next(f.index);
+                p.reclaim_next(f.index.get());
             }
         }
         self.t.bump();
@@ -753,19 +571,19 @@ impl Driver {
     /// A piece the peer announced but does not deliver (a claim it could not
     /// fill): asked elsewhere, and not of this peer until it announces it again.
     fn drop_stuck(&mut self) {
-        let stuck: Vec<usize> = self
+        let stuck: Vec<PieceIndex> = self
             .fetches
             .iter()
             .filter(|f| f.last.elapsed() > STALL)
             .map(|f| f.index)
             .collect();
-        for i in stuck {
-            if let Some(pos) = self.fetches.iter().position(|f| f.index == i) {
+        for p in stuck {
+            if let Some(pos) = self.fetches.iter().position(|f| f.index == p) {
                 let f = self.fetches.swap_remove(pos);
-                debug!(addr = %self.addr, piece = i, "piece stuck at this peer");
+                debug!(addr = %self.addr, piece = %p, "piece stuck at this peer");
                 self.abandon(f, true);
-                if self.bits.unset(i) {
-                    self.t.picker().peer_lost(i, self.origin);
+                if self.bits.unset(p.get()) {
+                    self.t.picker().peer_lost(p.get(), self.origin);
                 }
             }
         }
@@ -792,6 +610,8 @@ impl Driver {
         self.outstanding = 0;
     }
 
+    /// Takes back from the picker all this connection put there. Runs in
+    /// [`Connection`]'s drop: nothing here may panic.
     fn cleanup(&mut self) {
         self.drop_fetches(false);
         let mut p = self.t.picker();
@@ -799,7 +619,7 @@ impl Driver {
         for i in self.claims.iter_set() {
             p.claim_dropped(i);
         }
-        if let Some(c) = self.counted {
+        if let Some(c) = self.early {
             p.peer_left(c);
         }
     }
@@ -808,46 +628,93 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::swarm::torrent::Registered;
+
+    fn driver(t: &Arc<Shared>, id: PeerId, addr: SocketAddr, out: Arc<Outbox>) -> (Driver, u64) {
+        let reg: Registered = t
+            .register(id, addr, false, out.clone(), Arc::default())
+            .unwrap();
+        let n = t.lengths.count();
+        let d = Driver {
+            addr,
+            id,
+            t: t.clone(),
+            out,
+            bits: PeerPieces::new(n),
+            claims: Bits::new(n),
+            claim_times: VecDeque::new(),
+            early: reg.early.then_some(reg.conn),
+            host: reg.host,
+            unvouched_claims: Bits::new(n),
+            unvouched_times: Vec::new(),
+            origin: false,
+            choked: false,
+            interested: false,
+            fetches: Vec::new(),
+            outstanding: 0,
+            last_data: Instant::now(),
+            activity: reg.activity,
+        };
+        (d, reg.conn)
+    }
 
     #[tokio::test]
-    async fn a_slot_is_held_until_its_piece_has_left_the_socket() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        // A receiver that takes little at a time, like a busy host's port.
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let mut rx = sock.connect(l.local_addr().unwrap()).await.unwrap();
-        let (tx, _) = l.accept().await.unwrap();
-        socket2::SockRef::from(&tx)
-            .set_send_buffer_size(8 << 20)
-            .unwrap();
-        let (_r, mut w) = tx.into_split();
-        let piece = vec![7u8; 512 << 10];
-        w.write_all(&piece).await.unwrap();
-        assert!(
-            unsent(&w).unwrap() > DRAINED,
-            "the piece left the socket at once"
-        );
+    async fn a_connection_gives_its_pieces_back_even_when_its_task_panics() {
+        let t = Shared::for_test(4, 1 << 16);
+        let (id, addr): (PeerId, SocketAddr) = ([9; 20], "127.0.0.2:7000".parse().unwrap());
+        let (mut d, conn) = driver(&t, id, addr, Arc::new(Outbox::new(1 << 20)));
+        d.peer_has([2].into_iter());
+        d.update_interest();
+        d.fill();
+        assert_eq!(d.fetches.len(), 1, "piece 2 is being fetched");
+        assert_eq!(t.picker().inflight(2), 1);
+        assert!(t.fetch_memory_used() > 0 && t.is_connected(&id));
+        let c = Connection {
+            d,
+            reader: tokio::spawn(std::future::pending()),
+            writer: tokio::spawn(std::future::pending()),
+            conn,
+        };
+        let r = tokio::spawn(async move {
+            let _c = c;
+            panic!("a bug in the driver");
+        })
+        .await;
+        assert!(r.unwrap_err().is_panic());
+        assert_eq!(t.picker().inflight(2), 0, "piece 2 is still in flight");
+        assert_eq!(t.fetch_memory_used(), 0);
+        assert!(!t.is_connected(&id), "the peer is still registered");
+    }
 
-        let t = Instant::now();
-        drain(&w, t + Duration::from_millis(300)).await;
+    #[tokio::test]
+    async fn claims_count_once_the_server_vouches_for_their_sender() {
+        let t = Shared::for_test(4, 1 << 16);
+        let (id, addr): (PeerId, SocketAddr) = ([9; 20], "127.0.0.2:7000".parse().unwrap());
+        let out = Arc::new(Outbox::new(1 << 20));
+        let (mut d, _) = driver(&t, id, addr, out.clone());
+        let p = |i| t.lengths.piece(i).unwrap();
+        let sent = || {
+            let (mut c, mut q) = (Vec::new(), Vec::new());
+            out.take(false, false, 0, &mut c, &mut q);
+            c
+        };
+        // Both sides claim a piece of the origin's before the server
+        // vouches for the other.
+        t.claim(p(3));
+        d.refresh_host();
+        d.handle((Message::Claim(p(1)), None)).await.unwrap();
+        assert!(!d.claims.get(1), "a stranger's claim was taken");
         assert!(
-            t.elapsed() >= Duration::from_millis(300),
-            "drain returned with {:?} bytes unsent",
-            unsent(&w)
+            !sent().windows(9).any(|w| w == out::claim(p(3))),
+            "a stranger heard of our claim"
         );
-
-        let reader = tokio::spawn(async move {
-            let mut got = vec![0u8; 512 << 10];
-            rx.read_exact(&mut got).await.map(|_| got)
-        });
-        let t = Instant::now();
-        drain(&w, t + Duration::from_secs(20)).await;
+        // The tracker names it a host: both claims count now.
+        t.trust.extend([addr.ip()]);
+        d.refresh_host();
+        assert!(d.claims.get(1), "its claim was lost");
         assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "drain waited out its deadline"
+            sent().windows(9).any(|w| w == out::claim(p(3))),
+            "it never heard of our claim"
         );
-        assert!(unsent(&w).unwrap() <= DRAINED);
-        assert_eq!(reader.await.unwrap().unwrap(), piece);
     }
 }

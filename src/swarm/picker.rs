@@ -36,7 +36,7 @@ const CLAIMING: Duration = Duration::from_millis(300);
 const BEHIND_SLACK: u64 = 16;
 
 /// One peer's pieces.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bits {
     bits: Vec<bool>,
     count: usize,
@@ -304,6 +304,15 @@ impl Picker {
             p.relay_avail[piece] += 1;
             p.relay_claims[piece] += 1;
         });
+    }
+
+    /// A counted host claimed a piece it holds by now: a claim it made before
+    /// the two hosts knew each other as hosts, told late. It counts in its
+    /// share only.
+    pub fn past_claim(&mut self, counted: Option<u64>) {
+        if let Some(conn) = counted {
+            *self.shares.entry(conn).or_default() += 1;
+        }
     }
 
     /// How many other blockswarm hosts connected are counted in this host's
@@ -601,6 +610,11 @@ impl Picker {
                 self.inflight_pieces -= 1;
             }
         }
+    }
+
+    #[cfg(test)]
+    pub fn inflight(&self, piece: usize) -> u8 {
+        self.inflight[piece]
     }
 
     /// `piece` arrived and passed its hash. Returns false if another copy

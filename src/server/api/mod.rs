@@ -45,11 +45,17 @@ async fn announce(
         Some(SocketAddr::V4(a)) => Some(a),
         _ => None,
     };
+    let mut host = false;
     let body = s
         .tracker
         .announce(q.as_deref().unwrap_or(""), c.remote.ip(), origin, |t| {
-            s.keys.check(t).map(|h| h.mac)
+            let mac = s.keys.check(t).map(|h| h.mac);
+            host = mac.is_some();
+            mac
         });
+    if host {
+        s.trust.extend([c.remote.ip()]);
+    }
     ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 

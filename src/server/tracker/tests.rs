@@ -133,7 +133,7 @@ fn the_claimed_address_is_ignored() {
 fn a_peer_id_makes_no_origin() {
     let t = tracker();
     let mut fake = [b'z'; 20];
-    fake[..ORIGIN_PREFIX.len()].copy_from_slice(ORIGIN_PREFIX);
+    fake[..crate::swarm::ORIGIN_PREFIX.len()].copy_from_slice(crate::swarm::ORIGIN_PREFIX);
     ask(&t, &q(&fake, 7009, 0), "10.0.0.9", None);
     ask(&t, &with_token(q(&id(2), 7002, 100)), "10.0.0.2", Some("a"));
     let (peers, _) = ask(&t, &with_token(q(&id(4), 7004, 100)), "10.0.0.4", Some("c"));
