@@ -141,6 +141,7 @@ def slowloris(a):
     for _ in range(a.count):
         try:
             s = socket.create_connection((host, port), timeout=5)
+            s.settimeout(None)  # blocking: MSG_DONTWAIT then means what it says
             s.sendall(b"GET /api/v1/deployment HTTP/1.1\r\nHost: x\r\n")
             socks.append(s)
         except OSError:
@@ -153,12 +154,17 @@ def slowloris(a):
         for s in socks:
             try:
                 s.sendall(b"X")
+                # The server's FIN shows as an empty read.
+                if s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                    raise ConnectionResetError
+                alive.append(s)
+            except BlockingIOError:
                 alive.append(s)
             except OSError:
                 closed_by_server += 1
                 s.close()
         socks = alive
-        STOP.wait(5)
+        STOP.wait(2)
     for s in socks:
         s.close()
     return {"opened": opened, "closed_by_server": closed_by_server, "still_open_at_end": len(socks)}
