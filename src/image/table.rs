@@ -206,12 +206,14 @@ fn check_layout(t: &PartitionTable, size: u64) -> Result<()> {
         if p.size == 0 {
             bail!("partition {} is empty", p.number);
         }
-        if p.end() > size {
-            bail!(
+        // checked: a GPT entry's start and size can add up past 2^64.
+        match p.start.checked_add(p.size) {
+            Some(end) if end <= size => {}
+            end => bail!(
                 "partition {} ends at byte {}, past the end of the {size}-byte disk",
                 p.number,
-                p.end()
-            );
+                end.map_or("2^64 or more".into(), |e| e.to_string())
+            ),
         }
         if let Some(q) = prev
             && p.start < q.end()
@@ -370,6 +372,12 @@ mod tests {
     /// then claiming `entries` entries (CRC made right), and the backup's
     /// signature wiped so that only the primary counts.
     fn gpt_disk(entries: u32) -> (File, u64) {
+        gpt_disk_edited(|h, _| h[80..84].copy_from_slice(&entries.to_le_bytes()))
+    }
+
+    /// The same disk, its primary header (92 bytes) and entry array (128
+    /// entries of 128 bytes at LBA 2) edited by `edit`, CRCs made right.
+    fn gpt_disk_edited(edit: impl FnOnce(&mut [u8; 92], &mut [u8])) -> (File, u64) {
         let size = 1u64 << 20;
         let mut f = tempfile::tempfile().unwrap();
         f.set_len(size).unwrap();
@@ -384,12 +392,16 @@ mod tests {
         };
         gpt.write_into(&mut f).unwrap();
         let mut h = [0u8; 92];
+        let mut entries = vec![0u8; 128 * 128];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 512).unwrap();
-        h[80..84].copy_from_slice(&entries.to_le_bytes());
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut entries, 1024).unwrap();
+        edit(&mut h, &mut entries);
+        h[88..92].copy_from_slice(&crc32(&entries).to_le_bytes());
         h[16..20].fill(0);
         let crc = crc32(&h);
         h[16..20].copy_from_slice(&crc.to_le_bytes());
         std::os::unix::fs::FileExt::write_all_at(&f, &h, 512).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &entries, 1024).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &[0; 8], size - 512).unwrap();
         (f, size)
     }
@@ -434,5 +446,19 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_gpt_partition_ending_past_2_to_the_64_is_an_error() {
+        // Found by fuzzing (table): start and size, each in range, added up
+        // past 2^64: a panic with overflow checks; without them a wrapped
+        // end that could pass the check against the disk size.
+        let (f, size) = gpt_disk_edited(|_, e| {
+            let first = (1u64 << 55) - 1; // byte 2^64 - 512
+            e[32..40].copy_from_slice(&first.to_le_bytes());
+            e[40..48].copy_from_slice(&(first + (1 << 54)).to_le_bytes());
+        });
+        let e = read(&f, size, 512).unwrap_err().to_string();
+        assert!(e.contains("partition 1 ends at byte 2^64 or more"), "{e}");
     }
 }
