@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::extent::DevSlice;
-use super::fs;
+use super::{fs, guard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -223,12 +223,6 @@ fn check_layout(t: &PartitionTable, size: u64) -> Result<()> {
         prev = Some(p);
     }
     Ok(())
-}
-
-/// Runs a third-party parser, turning a panic on hostile input into an error.
-fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|_| anyhow::anyhow!("{what} is corrupt (its parser gave up)"))
 }
 
 fn guid_string(g: &[u8; 16]) -> String {
