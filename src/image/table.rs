@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::extent::DevSlice;
-use super::fs;
+use super::{fs, guard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -104,7 +104,33 @@ pub fn read(file: &File, size: u64, sector_size: u64) -> Result<PartitionTable> 
     Ok(table)
 }
 
+/// Most GPT partition entries we read (sgdisk makes 128). gptman allocates
+/// and reads as many as a header claims: 2^32 of them, for a hostile one.
+const MAX_GPT_ENTRIES: u32 = 8192;
+
+/// Refuses a GPT header (`h`, read at byte `at`) whose entry array gptman
+/// cannot read sanely; anything but a GPT header passes.
+fn check_gpt_header(h: &[u8], at: u64) -> Result<()> {
+    if h.len() < 92 || &h[..8] != b"EFI PART" {
+        return Ok(());
+    }
+    let le32 = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    let (n, size) = (le32(80), le32(84));
+    if size != 128 || n > MAX_GPT_ENTRIES {
+        bail!(
+            "the GPT header at byte {at} describes {n} partition entries of {size} bytes \
+             (this reader takes up to {MAX_GPT_ENTRIES} of 128 bytes)"
+        );
+    }
+    Ok(())
+}
+
 fn read_gpt(disk: &DevSlice, ss: u64) -> Result<PartitionTable> {
+    // gptman reads the primary header, else the backup at the last LBA.
+    let backup = (disk.len() / ss - 1) * ss;
+    for at in [ss, backup] {
+        check_gpt_header(&disk.read_vec(at, 92.min(ss as usize))?, at)?;
+    }
     let mut r = disk.reader();
     let gpt = guard("GPT", || gptman::GPT::read_from(&mut r, ss))?.context("reading the GPT")?;
     let mut partitions = Vec::new();
@@ -180,12 +206,14 @@ fn check_layout(t: &PartitionTable, size: u64) -> Result<()> {
         if p.size == 0 {
             bail!("partition {} is empty", p.number);
         }
-        if p.end() > size {
-            bail!(
+        // checked: a GPT entry's start and size can add up past 2^64.
+        match p.start.checked_add(p.size) {
+            Some(end) if end <= size => {}
+            end => bail!(
                 "partition {} ends at byte {}, past the end of the {size}-byte disk",
                 p.number,
-                p.end()
-            );
+                end.map_or("2^64 or more".into(), |e| e.to_string())
+            ),
         }
         if let Some(q) = prev
             && p.start < q.end()
@@ -195,12 +223,6 @@ fn check_layout(t: &PartitionTable, size: u64) -> Result<()> {
         prev = Some(p);
     }
     Ok(())
-}
-
-/// Runs a third-party parser, turning a panic on hostile input into an error.
-fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|_| anyhow::anyhow!("{what} is corrupt (its parser gave up)"))
 }
 
 fn guid_string(g: &[u8; 16]) -> String {
@@ -246,6 +268,7 @@ impl FittedGpt {
 /// at the last LBA, last usable LBA before the backup entries, fresh CRCs.
 /// Returns the backup table to write at the end of the disk.
 pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
+    check_gpt_header(head.get(ss as usize..).unwrap_or_default(), ss)?;
     let tail_len = (1u64 << 20).min(disk_size);
     let mut vdisk = VirtualDisk {
         head,
@@ -348,5 +371,104 @@ impl Seek for VirtualDisk<'_> {
         }
         .ok_or_else(|| io::Error::other("seek out of range"))?;
         Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1 MiB disk with gptman's GPT of one partition, its primary header
+    /// then claiming `entries` entries (CRC made right), and the backup's
+    /// signature wiped so that only the primary counts.
+    fn gpt_disk(entries: u32) -> (File, u64) {
+        gpt_disk_edited(|h, _| h[80..84].copy_from_slice(&entries.to_le_bytes()))
+    }
+
+    /// The same disk, its primary header (92 bytes) and entry array (128
+    /// entries of 128 bytes at LBA 2) edited by `edit`, CRCs made right.
+    fn gpt_disk_edited(edit: impl FnOnce(&mut [u8; 92], &mut [u8])) -> (File, u64) {
+        let size = 1u64 << 20;
+        let mut f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        let mut gpt = gptman::GPT::new_from(&mut f, 512, [7; 16]).unwrap();
+        gpt[1] = gptman::GPTPartitionEntry {
+            partition_type_guid: [1; 16],
+            unique_partition_guid: [2; 16],
+            starting_lba: 64,
+            ending_lba: 127,
+            attribute_bits: 0,
+            partition_name: "p1".into(),
+        };
+        gpt.write_into(&mut f).unwrap();
+        let mut h = [0u8; 92];
+        let mut entries = vec![0u8; 128 * 128];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 512).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut entries, 1024).unwrap();
+        edit(&mut h, &mut entries);
+        h[88..92].copy_from_slice(&crc32(&entries).to_le_bytes());
+        h[16..20].fill(0);
+        let crc = crc32(&h);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        std::os::unix::fs::FileExt::write_all_at(&f, &h, 512).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &entries, 1024).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0; 8], size - 512).unwrap();
+        (f, size)
+    }
+
+    fn crc32(b: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &x in b {
+            c ^= u32::from(x);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn reads_a_gpt() {
+        let (f, size) = gpt_disk(128);
+        let t = read(&f, size, 512).unwrap();
+        assert_eq!(t.kind, TableKind::Gpt);
+        assert_eq!(t.partitions.len(), 1);
+        assert_eq!(
+            (t.partitions[0].start, t.partitions[0].size),
+            (64 * 512, 64 * 512)
+        );
+    }
+
+    #[test]
+    fn a_gpt_of_billions_of_entries_is_an_error() {
+        // Found by fuzzing (table): gptman reserved room for as many entries
+        // as the header claims, and the process died on a failed allocation
+        // of hundreds of GB (an abort no catch_unwind stops).
+        for n in [u32::MAX, MAX_GPT_ENTRIES + 1] {
+            let (f, size) = gpt_disk(n);
+            let e = read(&f, size, 512).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("describes {n} partition entries")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gpt_partition_ending_past_2_to_the_64_is_an_error() {
+        // Found by fuzzing (table): start and size, each in range, added up
+        // past 2^64: a panic with overflow checks; without them a wrapped
+        // end that could pass the check against the disk size.
+        let (f, size) = gpt_disk_edited(|_, e| {
+            let first = (1u64 << 55) - 1; // byte 2^64 - 512
+            e[32..40].copy_from_slice(&first.to_le_bytes());
+            e[40..48].copy_from_slice(&(first + (1 << 54)).to_le_bytes());
+        });
+        let e = read(&f, size, 512).unwrap_err().to_string();
+        assert!(e.contains("partition 1 ends at byte 2^64 or more"), "{e}");
     }
 }

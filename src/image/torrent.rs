@@ -6,8 +6,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
+use buffers::ByteBuf;
 use buffers::ByteBufOwned;
-use librqbit_core::torrent_metainfo::{TorrentMetaV1Info, torrent_from_bytes};
+use librqbit_core::torrent_metainfo::{TorrentMetaV1, TorrentMetaV1Info, torrent_from_bytes};
 use serde::Serialize;
 use sha1w::ISha1;
 
@@ -79,17 +80,22 @@ fn encode(info_bytes: &[u8], trackers: &[String]) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// librqbit's metainfo parser on bytes from outside. Its integer parsing
+/// panics on overflow in builds with overflow checks (found by fuzzing).
+fn parse(bytes: &[u8]) -> Result<TorrentMetaV1<ByteBuf<'_>>> {
+    super::guard("the torrent", || torrent_from_bytes(bytes))?
+        .map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))
+}
+
 /// The same torrent (same info hash) announcing to other trackers.
 pub fn with_trackers(bytes: &[u8], trackers: &[String]) -> Result<Vec<u8>> {
-    let t = torrent_from_bytes(bytes)
-        .map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))?;
+    let t = parse(bytes)?;
     encode(t.info.raw_bytes.as_ref(), trackers)
 }
 
 /// Checks that a torrent is well formed and describes the manifest's payload.
 pub fn check(bytes: &[u8], m: &Manifest) -> Result<()> {
-    let t = torrent_from_bytes(bytes)
-        .map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))?;
+    let t = parse(bytes)?;
     let hash = hex(&t.info_hash.0);
     if hash != m.payload.info_hash {
         bail!(
@@ -244,5 +250,17 @@ mod tests {
         let t2 = torrent_from_bytes(&re).unwrap();
         assert_eq!(t2.info_hash.0, b.info_hash);
         assert!(String::from_utf8_lossy(&re).contains("http://other/announce"));
+    }
+
+    #[test]
+    fn an_integer_past_64_bits_is_an_error() {
+        // Found by fuzzing (torrent): librqbit's bencode parser multiplied
+        // past u64 and panicked (debug builds and tests check overflows).
+        let b = build("p", 5, 16384, vec![7u8; 20], &[]).unwrap().bytes;
+        let text = String::from_utf8_lossy(&b).into_owned();
+        let bad = text.replace("6:lengthi5e", "6:lengthi99999999999999999999999e");
+        assert_ne!(bad, text);
+        let e = with_trackers(bad.as_bytes(), &[]).unwrap_err().to_string();
+        assert!(e.contains("the torrent is corrupt"), "{e}");
     }
 }

@@ -233,6 +233,8 @@ impl Layout {
             );
         }
         if incompat & INCOMPAT_JOURNAL_DEV != 0 {
+            // All of it is in use, and an image has no empty extents.
+            ensure!(blocks > 0, "ext: the external journal device has no blocks");
             let journal_dev = true;
             return Ok(Layout {
                 bs,
@@ -460,6 +462,30 @@ mod tests {
         assert_eq!(runs(&m, 100), vec![(1, 2), (7, 1), (63, 37)]);
         assert_eq!(runs(&[0xFF; 4], 64), vec![(0, 32)]);
         assert!(runs(&[0; 16], 128).is_empty());
+    }
+
+    /// A superblock alone, as a 2 KiB device.
+    fn sb_dev(fields: &[(usize, u32)]) -> std::fs::File {
+        let mut img = vec![0u8; 2048];
+        img[1024 + 0x38..1024 + 0x3A].copy_from_slice(&MAGIC.to_le_bytes());
+        for &(off, v) in fields {
+            img[1024 + off..1024 + off + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        let f = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &img, 0).unwrap();
+        f
+    }
+
+    #[test]
+    fn empty_journal_device_is_an_error() {
+        // Found by fuzzing (fs_ext): a journal device of 0 blocks mapped to
+        // one empty extent, which no manifest accepts.
+        let f = sb_dev(&[(0x4, 0), (0x60, INCOMPAT_JOURNAL_DEV)]);
+        let e = used_extents(&DevSlice::new(&f, 0, 2048)).unwrap_err();
+        assert!(e.to_string().contains("no blocks"), "{e}");
+        let f = sb_dev(&[(0x4, 2), (0x60, INCOMPAT_JOURNAL_DEV)]);
+        let v = used_extents(&DevSlice::new(&f, 0, 2048)).unwrap();
+        assert_eq!(v, vec![Extent::new(0, 2048)]);
     }
 
     #[test]
