@@ -17,6 +17,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Runs a third-party parser, turning a panic on hostile input into an error
+/// (librqbit's bencode panics on an integer past 64 bits with overflow
+/// checks on; gptman and mbrman on some tables).
+pub fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| anyhow::anyhow!("{what} is corrupt (its parser gave up)"))
+}
+
 /// The process's HTTP client (the agent's API calls, tracker announces).
 /// One per process: building a client loads the system's TLS roots, about
 /// 5 ms of CPU each time.

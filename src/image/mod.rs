@@ -54,12 +54,6 @@ impl Image {
     }
 }
 
-/// Runs a third-party parser, turning a panic on hostile input into an error.
-pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|_| anyhow::anyhow!("{what} is corrupt (its parser gave up)"))
-}
-
 /// A human-readable summary of an image.
 pub fn describe(image: &Image, out: &mut dyn std::io::Write) -> Result<()> {
     use crate::util::human_bytes;

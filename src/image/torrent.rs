@@ -83,7 +83,7 @@ fn encode(info_bytes: &[u8], trackers: &[String]) -> Result<Vec<u8>> {
 /// librqbit's metainfo parser on bytes from outside. Its integer parsing
 /// panics on overflow in builds with overflow checks (found by fuzzing).
 fn parse(bytes: &[u8]) -> Result<TorrentMetaV1<ByteBuf<'_>>> {
-    super::guard("the torrent", || torrent_from_bytes(bytes))?
+    crate::util::guard("the torrent", || torrent_from_bytes(bytes))?
         .map_err(|e| anyhow::anyhow!("the torrent is not valid bencoded metainfo: {e}"))
 }
 

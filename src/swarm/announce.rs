@@ -41,8 +41,8 @@ struct Raw {
 
 /// Parses a tracker's bencoded answer. Pure: no I/O, no panic on any input.
 pub fn parse_response(body: &[u8]) -> Result<TrackerResponse> {
-    let r: Raw =
-        bencode::from_bytes(body).map_err(|e| anyhow::anyhow!("not a tracker response: {e}"))?;
+    let r: Raw = crate::util::guard("the tracker response", || bencode::from_bytes(body))?
+        .map_err(|e| anyhow::anyhow!("not a tracker response: {e}"))?;
     if let Some(f) = r.failure {
         bail!("refused: {}", String::from_utf8_lossy(f.as_ref()));
     }
@@ -199,6 +199,18 @@ async fn announce(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_integer_past_64_bits_is_an_error() {
+        // Found by the fuzzer: librqbit's bencode parser panics on it with
+        // overflow checks on.
+        let e = parse_response(
+            b"d8:completei1e10:incompletei0e8:intervali99999999999999999999999e5:peers0:e",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tracker response"), "{e}");
+    }
 
     #[test]
     fn answers_give_peers_and_vouched_hosts() {
