@@ -297,7 +297,7 @@ fn last_partition_to_the_end_of_the_disk() {
         .arg(&out)
         .arg("gpt-end")
         .env("SCALE", "64")
-        .env("FILL", "88"));
+        .env("FILL", "80"));
         out
     };
     let size = std::fs::metadata(&disk).unwrap().len();
