@@ -18,6 +18,7 @@ use blockswarm::image::{self, Image, table};
 use blockswarm::protocol::Job;
 use blockswarm::server::config::ServerConfig;
 use blockswarm::server::tracker::Tracker;
+use blockswarm::swarm::wire::{self, Lengths, Message};
 use librqbit_core::torrent_metainfo::torrent_from_bytes;
 
 pub struct Target {
@@ -30,10 +31,6 @@ pub struct Target {
 
 /// Every target, in one place: the AFL harness, the replayer and
 /// scripts/fuzz (through `replay --list`) take their names from here.
-///
-/// Two more come when src/swarm exposes them as pure functions:
-/// `peer_wire` (the peer-wire frame decoder) and `tracker_response` (the
-/// announce response parser).
 pub const TARGETS: &[Target] = &[
     Target {
         name: "manifest",
@@ -79,6 +76,16 @@ pub const TARGETS: &[Target] = &[
         name: "tracker_query",
         run: tracker_query,
         input: "announce query strings, one per line, to one tracker",
+    },
+    Target {
+        name: "tracker_response",
+        run: tracker_response,
+        input: "an HTTP tracker's answer (bencoded), as an agent reads it",
+    },
+    Target {
+        name: "peer_wire",
+        run: peer_wire,
+        input: "peer-wire frames, each with its 4-byte length, as a reader splits them",
     },
 ];
 
@@ -317,18 +324,25 @@ fn fs_ntfs(data: &[u8]) {
     fs_map(data, ntfs::probe, ntfs::used_extents);
 }
 
-/// The info hash the tracker knows; seeds announce it.
+/// The info hash the tracker knows.
 pub const KNOWN_HASH: [u8; 20] = *b"blockswarm-fuzz-hash";
+
+/// A query's `token=` value that the tracker takes for a host's.
+pub const HOST_TOKEN: &str = "1.52:54:00:00:00:01.host";
 
 fn tracker_query(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     let t = Tracker::new(Duration::from_secs(5));
-    t.allow(KNOWN_HASH, 1 << 20);
-    let remote: IpAddr = "10.0.0.1".parse().expect("an address");
-    for q in text.lines() {
-        let body = t.announce(q, remote);
+    t.set_images([(KNOWN_HASH, true)]);
+    let origin = "10.0.0.9:6881".parse().ok();
+    for (k, q) in text.lines().enumerate() {
+        // From a few addresses, so that the per-address caps come into play.
+        let remote = IpAddr::from([10, 0, 0, 1 + (k % 5) as u8]);
+        let body = t.announce(q, remote, origin, |tok| {
+            (tok == HOST_TOKEN).then(|| "52:54:00:00:00:01".to_string())
+        });
         show(
             "announce",
             &Ok::<_, anyhow::Error>(String::from_utf8_lossy(&body)),
@@ -337,6 +351,48 @@ fn tracker_query(data: &[u8]) {
             body.first() == Some(&b'd') && body.last() == Some(&b'e'),
             "the answer is a bencoded dictionary"
         );
+        // What the agent's side makes of the tracker's own answers.
+        let _ = blockswarm::swarm::parse_tracker_response(&body);
     }
     let _ = t.counts(&KNOWN_HASH);
+    let _ = t.host_ips();
+}
+
+fn tracker_response(data: &[u8]) {
+    let r = blockswarm::swarm::parse_tracker_response(data);
+    show("parse_tracker_response", &r);
+    if let Ok(r) = r {
+        assert!((1..=1800).contains(&r.interval.as_secs()), "interval clamped");
+        assert!(r.peers.iter().all(|p| p.port() != 0 && !p.ip().is_unspecified()));
+    }
+}
+
+/// Splits `data` into frames by their length prefixes, as the reader does,
+/// and decodes each for two torrents: many pieces with a short last one,
+/// and a tiny one.
+fn peer_wire(data: &[u8]) {
+    let torrents = [
+        Lengths::new(1000 * 262_144 + 5, 262_144).expect("valid lengths"),
+        Lengths::new(100, 16_384).expect("valid lengths"),
+    ];
+    let mut rest = data;
+    while let Some((prefix, _)) = rest.split_first_chunk::<4>() {
+        let n = (u32::from_be_bytes(*prefix) as usize).min(rest.len() - 4);
+        let (frame, next) = rest.split_at(4 + n);
+        rest = next;
+        for l in &torrents {
+            let m = wire::decode(frame, l);
+            show("wire::decode", &m.clone().map_err(anyhow::Error::from));
+            match m {
+                Ok(Message::Have(p) | Message::Claim(p)) => assert!(p.get() < l.count()),
+                Ok(Message::Request(b) | Message::Cancel(b) | Message::Piece(b)) => {
+                    assert!(b.piece().get() < l.count());
+                    let end = u64::from(b.begin()) + u64::from(b.len());
+                    assert!(end <= u64::from(l.size(b.piece())), "block inside its piece");
+                }
+                Ok(Message::Bitfield(bits)) => assert_eq!(bits.len(), l.count()),
+                _ => {}
+            }
+        }
+    }
 }
