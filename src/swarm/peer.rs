@@ -26,7 +26,7 @@ use tracing::debug;
 
 use super::outbox::Outbox;
 use super::picker::{Bits, PeerPieces};
-use super::torrent::{MAX_BAD_PIECES, Shared};
+use super::torrent::{MAX_BAD_PIECES, Registered, Shared};
 use super::wire::{
     BLOCK, Block, HANDSHAKE_LEN, Lengths, Message, PIECE_HEADER, PieceIndex, decode, out,
     parse_handshake,
@@ -105,32 +105,12 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("not let in: {e}"))?;
     let (r, w) = stream.into_split();
     let (in_tx, in_rx) = mpsc::channel(64);
-    let n = t.lengths.count();
     let origin = outgoing && t.origin == Some(addr);
     let mut c = Connection {
         reader: tokio::spawn(reader(r, in_tx, t.lengths)),
         writer: tokio::spawn(Writer::new(w, out.clone(), t.clone(), addr.ip()).run()),
         conn: reg.conn,
-        d: Driver {
-            addr,
-            id: their_id,
-            t,
-            out,
-            bits: PeerPieces::new(n),
-            claims: Bits::new(n),
-            claim_times: VecDeque::new(),
-            early: reg.early.then_some(reg.conn),
-            host: reg.host,
-            unvouched_claims: Bits::new(n),
-            unvouched_times: Vec::new(),
-            origin,
-            choked: true,
-            interested: false,
-            fetches: Vec::new(),
-            outstanding: 0,
-            last_data: Instant::now(),
-            activity: reg.activity,
-        },
+        d: Driver::new(addr, their_id, t, out, &reg, origin),
     };
     tokio::select! {
         r = c.d.run(in_rx) => r,
@@ -270,6 +250,38 @@ struct Driver {
 }
 
 impl Driver {
+    /// A driver for a registered connection; choked until the peer says.
+    fn new(
+        addr: SocketAddr,
+        id: PeerId,
+        t: Arc<Shared>,
+        out: Arc<Outbox>,
+        reg: &Registered,
+        origin: bool,
+    ) -> Self {
+        let n = t.lengths.count();
+        Self {
+            addr,
+            id,
+            t,
+            out,
+            bits: PeerPieces::new(n),
+            claims: Bits::new(n),
+            claim_times: VecDeque::new(),
+            early: reg.early.then_some(reg.conn),
+            host: reg.host.clone(),
+            unvouched_claims: Bits::new(n),
+            unvouched_times: Vec::new(),
+            origin,
+            choked: true,
+            interested: false,
+            fetches: Vec::new(),
+            outstanding: 0,
+            last_data: Instant::now(),
+            activity: reg.activity.clone(),
+        }
+    }
+
     async fn run(&mut self, mut rx: mpsc::Receiver<Incoming>) -> Result<()> {
         let have = self.t.have_bytes();
         if have.iter().any(|&b| b != 0) {
@@ -628,33 +640,13 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::swarm::torrent::Registered;
 
     fn driver(t: &Arc<Shared>, id: PeerId, addr: SocketAddr, out: Arc<Outbox>) -> (Driver, u64) {
         let reg: Registered = t
             .register(id, addr, false, out.clone(), Arc::default())
             .unwrap();
-        let n = t.lengths.count();
-        let d = Driver {
-            addr,
-            id,
-            t: t.clone(),
-            out,
-            bits: PeerPieces::new(n),
-            claims: Bits::new(n),
-            claim_times: VecDeque::new(),
-            early: reg.early.then_some(reg.conn),
-            host: reg.host,
-            unvouched_claims: Bits::new(n),
-            unvouched_times: Vec::new(),
-            origin: false,
-            choked: false,
-            interested: false,
-            fetches: Vec::new(),
-            outstanding: 0,
-            last_data: Instant::now(),
-            activity: reg.activity,
-        };
+        let mut d = Driver::new(addr, id, t.clone(), out, &reg, false);
+        d.choked = false;
         (d, reg.conn)
     }
 

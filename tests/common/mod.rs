@@ -474,3 +474,28 @@ pub fn captured(dir: &Path, layout: &str, scale_mib: u32) -> (PathBuf, u64, Path
     capture(&disk, &image, true);
     (disk, size, image)
 }
+
+/// Asserts that a half-written target shows nothing: its first sector is
+/// the in-progress marker, with no partition entries and no boot
+/// signature, and blkid finds no table and no file system.
+pub fn assert_shows_nothing(tgt: &Path, what: &str) {
+    let head = std::fs::read(tgt).unwrap()[..512].to_vec();
+    assert!(
+        head.starts_with(b"BLOCKSWARM-IN-PROGRESS"),
+        "{what}: sector 0 is not the in-progress marker"
+    );
+    assert!(
+        head[446..].iter().all(|&b| b == 0),
+        "{what}: a partition table was written before the end"
+    );
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(tgt)
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !found.contains("PTTYPE") && !found.contains("TYPE="),
+        "{what}: a half-written disk looks like something: {found}"
+    );
+}
