@@ -117,51 +117,24 @@ enum Cmd {
         max_download: Option<blockswarm::protocol::Size>,
     },
     /// Talk to a running server's admin API.
-    Admin {
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// Bearer token (or BLOCKSWARM_TOKEN).
-        #[arg(long, env = "BLOCKSWARM_TOKEN")]
-        token: Option<String>,
-        #[command(subcommand)]
-        cmd: AdminSub,
-    },
-}
-
-#[derive(Subcommand)]
-enum AdminSub {
-    /// List the store's images.
-    Images,
-    /// List hosts and their progress.
-    Hosts,
-    /// The deployment's state and hosts.
-    Status,
-    /// Start a deployment.
-    Start {
-        /// Done when this many hosts have finished.
-        #[arg(long)]
-        expect: Option<usize>,
-        /// Wake the configured hosts with Wake-on-LAN first.
-        #[arg(long)]
-        wake: bool,
-    },
-    /// Stop the deployment.
-    Stop,
-    /// Set a host's job from a TOML file (the [default_job] format).
-    SetJob { mac: String, job: PathBuf },
+    Admin(blockswarm::admin::AdminArgs),
 }
 
 /// Exit codes: 0 done; 1 failed; 2 bad command line (clap);
-/// 3 the target disk failed (`agent`; /init does not retry it).
+/// 3 the target disk failed (`agent`; /init does not retry it);
+/// 4 the server could not be reached (`admin`).
 fn main() -> ExitCode {
     init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            match e.downcast_ref::<blockswarm::agent::DiskFailed>() {
-                Some(_) => ExitCode::from(blockswarm::agent::DiskFailed::EXIT_CODE),
-                None => ExitCode::FAILURE,
+            if e.is::<blockswarm::agent::DiskFailed>() {
+                ExitCode::from(blockswarm::agent::DiskFailed::EXIT_CODE)
+            } else if e.is::<blockswarm::admin::Unreachable>() {
+                ExitCode::from(blockswarm::admin::Unreachable::EXIT_CODE)
+            } else {
+                ExitCode::FAILURE
             }
         }
     }
@@ -275,24 +248,7 @@ fn run(cli: Cli) -> Result<()> {
                 download: max_download.map(|s| s.0),
             },
         })),
-        Cmd::Admin { server, token, cmd } => {
-            use blockswarm::admin::AdminCmd;
-            let cmd = match cmd {
-                AdminSub::Images => AdminCmd::Images,
-                AdminSub::Hosts => AdminCmd::Hosts,
-                AdminSub::Status => AdminCmd::Status,
-                AdminSub::Start { expect, wake } => {
-                    AdminCmd::Start(blockswarm::server::api::admin::StartRequest { expect, wake })
-                }
-                AdminSub::Stop => AdminCmd::Stop,
-                AdminSub::SetJob { mac, job } => AdminCmd::SetJob {
-                    mac,
-                    job_toml: std::fs::read_to_string(&job)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?,
-                },
-            };
-            runtime()?.block_on(blockswarm::admin::run(&server, token.as_deref(), cmd))
-        }
+        Cmd::Admin(args) => runtime()?.block_on(blockswarm::admin::run(args)),
         Cmd::Verify { image, target } => {
             let image = Image::open(&image)?;
             let dev = blockswarm::blockdev::open_source(&target)?;
@@ -312,7 +268,16 @@ fn init_logging() {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
-    let registry = tracing_subscriber::registry().with(filter);
+    // What the agent logs also goes to the server with its reports.
+    let ship = tracing_subscriber::fmt::layer()
+        .with_writer(blockswarm::agent::shiplog::Writer)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false);
+    let agent = matches!(std::env::args().nth(1).as_deref(), Some("agent"));
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(agent.then_some(ship));
     match journald {
         Some(j) => registry.with(j).init(),
         None => registry

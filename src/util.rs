@@ -88,3 +88,13 @@ pub fn fault_point(name: &str) {
         }
     }
 }
+
+/// The innermost cause of an error: what a person can act on ("connection
+/// refused"), not the chain of layers above it.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e;
+    while let Some(src) = s.source() {
+        s = src;
+    }
+    s.to_string()
+}

@@ -112,13 +112,13 @@ fn waiting_agents_say_why_and_write_nothing() {
     blank_target(&unknown, size, true);
     let a = Agent::start(&srv.url, &mac(9), &unknown);
     a.wait_log(
-        "no job: no job for 52:54:00:00:10:09, and no default job",
+        "no job: 52:54:00:00:10:09 is not registered: approve it, or open a deployment to unknown hosts",
         20,
     );
     let known = t.path().join("known.img");
     blank_target(&known, size, true);
     let mut b = Agent::start(&srv.url, &mac(1), &known);
-    b.wait_log("waiting: no deployment is running", 20);
+    b.wait_log("no job: no deployment for 52:54:00:00:10:01 is running", 20);
     // Start the deployment from the admin CLI: the known host goes ahead.
     let out = bs_ok(&[
         "admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "1",

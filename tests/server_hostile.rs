@@ -283,7 +283,11 @@ fn reports_need_the_host_s_token() {
     assert_eq!(code, 403);
     let (_, v) = get_json(srv.port, "/api/v1/deployment");
     assert_eq!(v["done"], false, "{v}");
-    assert_eq!(v["hosts"].as_array().unwrap().len(), 0, "{v}");
+    // Only the host that fetched a job is in the deployment.
+    let hosts = v["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 1, "{v}");
+    assert_eq!(hosts[0]["mac"], "52:54:00:00:71:02", "{v}");
+    assert_eq!(hosts[0]["done_bytes"], 0, "{v}");
     assert_eq!(metric(srv.port, "status_reports_refused_total"), 2.0);
     // The host's own token: counted, and not shown to anyone.
     let j = job(srv.port, mac);
@@ -295,9 +299,28 @@ fn reports_need_the_host_s_token() {
     );
     let (code, ack) = post_json(srv.port, "/api/v1/status", &report(mac, tok, "done"));
     assert_eq!(code, 200, "{ack}");
+    // The other host fetched its job: the deployment waits for it.
+    assert_eq!(ack["deployment_done"], false);
+    let (code, ack) = post_json(
+        srv.port,
+        "/api/v1/status",
+        &report(
+            "52:54:00:00:71:02",
+            other["token"].as_str().unwrap(),
+            "done",
+        ),
+    );
+    assert_eq!(code, 200, "{ack}");
     assert_eq!(ack["deployment_done"], true);
     let (_, v) = get_json(srv.port, "/api/v1/deployment");
-    assert_eq!(v["hosts"][0]["mac"], mac);
+    assert!(
+        v["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["mac"] == mac),
+        "{v}"
+    );
     assert!(!v.to_string().contains(tok), "the view shows a token: {v}");
 }
 
@@ -308,7 +331,16 @@ fn reports_cannot_bloat_the_deployment_view() {
     // 20 reports of 1.9 MB, with valid tokens.
     for i in 0..20 {
         let mac = format!("52:54:00:00:72:{i:02x}");
-        let tok = job(srv.port, &mac)["token"].as_str().unwrap().to_string();
+        let (code, j) = send(
+            &mut connect_from(&format!("127.0.3.{i}"), srv.port),
+            "GET",
+            &format!("/api/v1/jobs/{mac}"),
+            b"",
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+        let j: Value = serde_json::from_slice(&j).unwrap();
+        let tok = j["token"].as_str().unwrap().to_string();
         let mut r = report(&mac, &tok, "downloading");
         r["error"] = json!("x".repeat(1_900_000));
         let mut s = connect_from("127.0.0.1", srv.port);
@@ -329,19 +361,54 @@ fn reports_cannot_bloat_the_deployment_view() {
     assert!(body.len() < 64 * 1024, "the view is {} bytes", body.len());
     let err = v["hosts"][0]["error"].as_str().unwrap();
     assert!(err.ends_with("bytes cut)"), "{err}");
-    // 5000 made-up hosts (any MAC has the default job), each with the
-    // longest strings kept: past 2048, the least recently seen are dropped.
+    // 5000 made-up hosts from one address (the deployment is open to any
+    // PC), each with the longest strings kept: 16 join, the rest are told
+    // why not.
     let mut s = connect_from("127.0.0.2", srv.port);
+    let mut joined = 0;
     for i in 0..5000u32 {
         let b = i.to_be_bytes();
         let mac = format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
-        let (_, j) = send(&mut s, "GET", &format!("/api/v1/jobs/{mac}"), b"").unwrap();
+        let (code, j) = send(&mut s, "GET", &format!("/api/v1/jobs/{mac}"), b"").unwrap();
         let j: Value = serde_json::from_slice(&j).unwrap();
+        if code != 200 {
+            assert_eq!(code, 503, "{j}");
+            assert!(
+                j["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("too many hosts joined from it"),
+                "{j}"
+            );
+            continue;
+        }
+        joined += 1;
         let mut r = report(&mac, j["token"].as_str().unwrap(), "downloading");
         r["error"] = json!("e".repeat(2000));
         r["target"] = json!("t".repeat(2000));
         let (code, _) = send(&mut s, "POST", "/api/v1/status", r.to_string().as_bytes()).unwrap();
         assert_eq!(code, 200);
+    }
+    assert_eq!(joined, 16);
+    // And from 2100 addresses, one each: the deployment holds 2048 hosts.
+    for i in 0..2100u32 {
+        let b = i.to_be_bytes();
+        let mut s = connect_from(&format!("127.1.{}.{}", b[2], b[3]), srv.port);
+        let mac = format!("52:55:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+        let (code, j) = send(&mut s, "GET", &format!("/api/v1/jobs/{mac}"), b"").unwrap();
+        let j: Value = serde_json::from_slice(&j).unwrap();
+        if i < 2048 - 16 - 20 {
+            assert_eq!(code, 200, "{j}");
+        } else {
+            assert_eq!(code, 503, "{j}");
+            assert!(
+                j["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("is full (2048 hosts)"),
+                "{j}"
+            );
+        }
     }
     let (_, body) = send(&mut s, "GET", "/api/v1/deployment", b"").unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();

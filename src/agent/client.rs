@@ -61,7 +61,11 @@ impl Client {
                 }
                 Err(e) => {
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    format!("server {} unreachable: {}", self.base, root_cause(&e))
+                    format!(
+                        "server {} unreachable: {}",
+                        self.base,
+                        crate::util::root_cause(&e)
+                    )
                 }
             };
             if why != last {
@@ -132,14 +136,6 @@ impl Client {
         }
         Ok(resp.json().await?)
     }
-}
-
-fn root_cause(e: &reqwest::Error) -> String {
-    let mut s: &dyn std::error::Error = e;
-    while let Some(src) = s.source() {
-        s = src;
-    }
-    s.to_string()
 }
 
 /// Logs once when the server goes away and once when it returns.

@@ -17,6 +17,7 @@ pub mod client;
 pub mod disks;
 pub mod receive;
 pub mod safety;
+pub mod shiplog;
 pub mod target;
 pub mod verify;
 
@@ -77,7 +78,11 @@ impl Reporter {
             error: None,
             ..r.clone()
         };
+        r.log = shiplog::take();
         let res = self.client.report(&r).await;
+        if res.is_err() {
+            shiplog::put_back(std::mem::take(&mut r.log));
+        }
         self.reach.update(&res);
         res.ok()
     }
@@ -103,6 +108,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             elapsed_s: 0.0,
             token: String::new(),
             disk: None,
+            log: Vec::new(),
         },
         started: Instant::now(),
         reach: Reachability::default(),

@@ -1,34 +1,103 @@
-//! Network boot: the iPXE script and the deploy kernel and initramfs.
+//! Network boot: the iPXE scripts and the deploy kernel and initramfs.
 //!
 //! dnsmasq (pxe/) hands PCs iPXE over TFTP; iPXE then chains to
-//! `/boot.ipxe`, which loads `/boot/vmlinuz` and `/boot/initramfs.img`
-//! (made by initramfs/build, kept in `boot_dir`) with a command line that
-//! tells the initramfs which NIC booted and where this server is.
+//! `/boot.ipxe?mac=…&platform=…`, and the server decides per host
+//! (`rooms.rs`): a host with a task gets the script that loads
+//! `/boot/vmlinuz` and `/boot/initramfs.img` (made by initramfs/build, kept
+//! in `boot_dir`) with a command line naming the NIC that booted and this
+//! server; any other host is sent to its own disk (its exit type).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
-use axum::extract::{Path, State};
+use axum::Extension;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::api::{AppState, error};
+use super::http::Conn;
+use super::rooms::Boot;
+use crate::protocol::admin::ExitType;
+
+#[derive(Debug, serde::Deserialize)]
+pub struct BootQuery {
+    mac: Option<String>,
+    /// iPXE's `${platform}`: "pcbios" or "efi".
+    platform: Option<String>,
+}
 
 /// The only files served from `boot_dir`.
 pub const BOOT_FILES: [&str; 2] = ["vmlinuz", "initramfs.img"];
 
-/// `GET /boot.ipxe`: the script iPXE chains to.
-pub async fn ipxe_script(State(s): State<AppState>, headers: HeaderMap) -> Response {
+/// `GET /boot.ipxe`: what iPXE chains to. Without `mac`, a script that
+/// asks again with the booting NIC's MAC and the firmware type.
+pub async fn ipxe_script(
+    State(s): State<AppState>,
+    Extension(c): Extension<Conn>,
+    headers: HeaderMap,
+    Query(q): Query<BootQuery>,
+) -> Response {
     // Without a configured public_url, the address iPXE reached us at.
     let base = match (&s.config.public_url, headers.get(header::HOST)) {
         (None, Some(h)) if h.to_str().is_ok() => format!("http://{}", h.to_str().unwrap_or("")),
         _ => s.config.public_url(),
     };
-    let body = script(&base, &s.config.boot_args);
+    let body = match &q.mac {
+        None => ask_script(&base),
+        Some(mac) => match s.boot(mac, c.remote.ip()) {
+            Boot::Agent { deployment } => {
+                tracing::info!("{mac} network-boots the agent (deployment {deployment})");
+                script(&base, &s.config.boot_args)
+            }
+            Boot::Local { exit, why } => {
+                tracing::debug!("{mac} boots its disk: {why}");
+                local_script(exit, q.platform.as_deref(), &why)
+            }
+        },
+    };
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// The script that asks the server what this PC is to do.
+pub fn ask_script(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    format!(
+        "#!ipxe\n\
+         # blockswarm network boot: ask the server what this PC does\n\
+         chain {base}/boot.ipxe?mac=${{netX/mac:hexhyp}}&platform=${{platform}} || goto failed\n\
+         :failed\n\
+         echo blockswarm: the server {base} did not answer; booting the disk in 10 s\n\
+         sleep 10\n\
+         sanboot --no-describe --drive 0x80 || exit\n"
+    )
+}
+
+/// The script that boots the PC's own disk. `why` is shown on its screen
+/// (only what iPXE prints plainly: no `$`, no newline).
+pub fn local_script(exit: ExitType, platform: Option<&str>, why: &str) -> String {
+    let efi = platform.is_some_and(|p| p.eq_ignore_ascii_case("efi"));
+    let boot = match exit {
+        ExitType::Sanboot => "sanboot --no-describe --drive 0x80 || exit",
+        ExitType::Exit => "exit",
+        ExitType::Auto if efi => "exit",
+        ExitType::Auto => "sanboot --no-describe --drive 0x80 || exit",
+    };
+    let why: String = why
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '$' | '{' | '}' | '#'))
+        .take(160)
+        .collect();
+    format!(
+        "#!ipxe\n\
+         # blockswarm: nothing to do for this PC, boot its disk\n\
+         echo blockswarm: ${{netX/mac}}: {why}\n\
+         echo blockswarm: booting the local disk\n\
+         {boot}\n"
+    )
 }
 
 /// The iPXE script for a server at `base` (no trailing slash).
@@ -109,6 +178,37 @@ async fn cached_read(path: PathBuf) -> std::io::Result<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_hosts_boot_their_disk_as_their_exit_type_says() {
+        let bios = local_script(ExitType::Auto, Some("pcbios"), "done");
+        assert!(
+            bios.contains("\nsanboot --no-describe --drive 0x80 || exit\n"),
+            "{bios}"
+        );
+        let efi = local_script(ExitType::Auto, Some("efi"), "done");
+        assert!(
+            efi.ends_with("\nexit\n") && !efi.contains("sanboot"),
+            "{efi}"
+        );
+        let forced = local_script(ExitType::Sanboot, Some("efi"), "x");
+        assert!(forced.contains("sanboot"), "{forced}");
+        assert!(local_script(ExitType::Exit, None, "x").ends_with("\nexit\n"));
+        // What the server prints cannot become iPXE commands or settings.
+        let s = local_script(ExitType::Exit, None, "a\nkernel http://x/${evil}");
+        assert!(!s.contains("\nkernel") && !s.contains("${evil}"), "{s}");
+    }
+
+    #[test]
+    fn the_first_script_asks_with_the_mac_and_platform() {
+        let s = ask_script("http://10.0.0.1:8080/");
+        assert!(
+            s.contains(
+                "chain http://10.0.0.1:8080/boot.ipxe?mac=${netX/mac:hexhyp}&platform=${platform}"
+            ),
+            "{s}"
+        );
+    }
 
     #[test]
     fn script_boots_the_agent_with_bootif_and_server() {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::Job;
+use crate::protocol::admin::ExitType;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +20,13 @@ pub struct ServerConfig {
     /// Image store: one directory per image.
     #[serde(default = "default_images")]
     pub images: PathBuf,
+    /// The server's database (hosts, groups, deployments, history).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// What a network boot does for a host with nothing to do, unless its
+    /// group or itself says otherwise: "auto", "sanboot" or "exit".
+    #[serde(default)]
+    pub exit: ExitType,
     /// Bearer token for the admin API; without one the admin API is off.
     pub admin_token: Option<String>,
     /// "builtin", or an external HTTP announce URL (e.g. opentracker's).
@@ -41,10 +49,13 @@ pub struct ServerConfig {
     /// Images seeded straight from a raw device instead of a store file.
     #[serde(default, rename = "device_image")]
     pub device_images: Vec<DeviceImage>,
-    /// The job of hosts not listed below; none: such hosts wait.
+    /// The job of registered hosts with none of their own or of their
+    /// group. It never makes an unknown host join: see `open` deployments.
     pub default_job: Option<Job>,
     #[serde(default, rename = "host")]
     pub hosts: Vec<HostConfig>,
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
     /// Network boot: the directory holding `vmlinuz` and `initramfs.img`
     /// (made by initramfs/build), served at /boot/ for the iPXE script.
     #[serde(default = "default_boot_dir")]
@@ -76,6 +87,21 @@ pub struct HostConfig {
     pub mac: String,
     pub name: Option<String>,
     pub job: Option<Job>,
+    pub exit: Option<ExitType>,
+}
+
+/// A room: its members, their job, how they boot when idle, where their
+/// Wake-on-LAN packets go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+    pub job: Option<Job>,
+    pub exit: Option<ExitType>,
+    /// The subnet's directed broadcast, e.g. "10.0.12.255:9".
+    pub wake: Option<SocketAddr>,
 }
 
 fn default_true() -> bool {
@@ -95,6 +121,9 @@ fn default_interval() -> u64 {
 }
 fn default_seed_listen() -> SocketAddr {
     "0.0.0.0:6881".parse().expect("valid")
+}
+fn default_state_dir() -> PathBuf {
+    "state".into()
 }
 fn default_boot_dir() -> PathBuf {
     "boot".into()
@@ -132,6 +161,22 @@ impl ServerConfig {
         macs.sort();
         if let Some(w) = macs.windows(2).find(|w| w[0] == w[1]) {
             bail!("host {} is listed twice", w[0]);
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut members = std::collections::BTreeMap::new();
+        for g in &mut c.groups {
+            if g.name.is_empty() || g.name.len() > 64 {
+                bail!("group {:?}: a name is 1 to 64 characters", g.name);
+            }
+            if !names.insert(g.name.clone()) {
+                bail!("group {:?} is listed twice", g.name);
+            }
+            for m in &mut g.members {
+                *m = normalize_mac(m).with_context(|| format!("group {:?}", g.name))?;
+                if let Some(other) = members.insert(m.clone(), g.name.clone()) {
+                    bail!("host {m} is a member of both {other:?} and {:?}", g.name);
+                }
+            }
         }
         if c.tracker.starts_with("udp://") {
             bail!(

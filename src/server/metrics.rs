@@ -20,7 +20,7 @@ pub struct Counters {
 }
 
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let v = s.view().await;
+    let v = s.view(None, 0, super::MAX_HOSTS).await;
     let mut o = String::new();
     let mut metric = |name: &str, help: &str, kind: &str, rows: Vec<(String, f64)>| {
         let _ = writeln!(
@@ -34,8 +34,8 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let host = |h: &super::state::HostView| {
         format!(
             "{{mac=\"{}\",state=\"{}\"}}",
-            h.report.mac,
-            serde_json::to_value(h.report.state)
+            h.task.mac,
+            serde_json::to_value(h.task.state)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default()
@@ -59,7 +59,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "gauge",
         v.hosts
             .iter()
-            .map(|h| (host(h), h.report.progress.done_bytes as f64))
+            .map(|h| (host(h), h.task.done_bytes as f64))
             .collect(),
     );
     metric(
@@ -68,26 +68,20 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "gauge",
         v.hosts
             .iter()
-            .map(|h| (host(h), h.report.progress.total_bytes as f64))
+            .map(|h| (host(h), h.task.total_bytes as f64))
             .collect(),
     );
     metric(
         "host_download_bytes_per_second",
         "A host's download rate.",
         "gauge",
-        v.hosts
-            .iter()
-            .map(|h| (host(h), h.report.progress.down_bps))
-            .collect(),
+        v.hosts.iter().map(|h| (host(h), h.task.down_bps)).collect(),
     );
     metric(
         "host_upload_bytes_per_second",
         "A host's upload rate.",
         "gauge",
-        v.hosts
-            .iter()
-            .map(|h| (host(h), h.report.progress.up_bps))
-            .collect(),
+        v.hosts.iter().map(|h| (host(h), h.task.up_bps)).collect(),
     );
     let img =
         |i: &super::state::ImageView| format!("{{image=\"{}\",state=\"{}\"}}", i.name, i.state);

@@ -12,8 +12,10 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod dashboard;
+pub mod db;
 pub mod http;
 pub mod metrics;
+pub mod rooms;
 pub mod seed;
 pub mod state;
 pub mod store;
@@ -59,7 +61,8 @@ pub async fn serve(
     )
     .await?;
     let counters = Arc::new(metrics::Counters::default());
-    let state = Arc::new(ServerState::new(cfg, seeds, counters.clone()));
+    let rooms = rooms::Rooms::open(&cfg)?;
+    let state = Arc::new(ServerState::new(cfg, rooms, seeds, counters.clone()));
     info!(
         "serving {} on http://{} (dashboard at {}/), tracker {}, seeds on {}",
         state.config.images.display(),
@@ -69,7 +72,7 @@ pub async fn serve(
         state.seeds.listen_addr()
     );
     if let Some(n) = opts.deploy {
-        state.start_deployment((n > 0).then_some(n)).await;
+        state.start_open((n > 0).then_some(n)).await?;
     }
     let scanner = tokio::spawn(scan_loop(state.clone()));
     let limits = http::Limits {
@@ -119,7 +122,7 @@ async fn scan_loop(state: Arc<ServerState>) {
         state
             .trust
             .replace(state.tracker.host_ips().into_iter().map(IpAddr::V4));
-        state.prune_hosts().await;
+        state.prune_hosts();
         tokio::time::sleep(SCAN_INTERVAL).await;
     }
 }

@@ -1,41 +1,43 @@
-//! The server's state, owned in one place: images, hosts, the deployment.
-//! HTTP handlers only translate to and from these methods.
+//! The server's state, owned in one place: images, the tracker, the rooms
+//! (hosts, groups, deployments and tasks, in the database: `rooms.rs`) and
+//! the hosts' live progress. HTTP handlers only translate to and from
+//! these methods.
 //!
-//! What outsiders can make it hold is bounded: a host is recorded only from
-//! a report carrying its token (see `token.rs`), at most [`MAX_HOSTS`] of
-//! them, those silent for [`HOST_TTL`] outside the running deployment are
-//! forgotten, and a report's strings are cut to a few hundred bytes.
+//! What outsiders can make it hold is bounded: a host's report is taken
+//! only with its token (see `token.rs`) and for a task it has, live
+//! progress is forgotten after [`HOST_TTL`] of silence, and a report's
+//! strings and log lines are cut to a few hundred bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tokio::sync::RwLock;
 
-use super::MAX_HOSTS;
-use super::config::{ServerConfig, mac_bytes, normalize_mac};
+use super::config::{ServerConfig, normalize_mac};
 use super::metrics::Counters;
+use super::rooms::{Boot, ClaimError, Rooms, Update};
 use super::store::{SeedState, StoredImage};
 use super::token::HostKeys;
 use super::tracker::Tracker;
-use crate::protocol::{AgentState, DiskIdentity, Job, JobResponse, StatusAck, StatusReport};
+use crate::protocol::admin::{DeploymentInfo, StartRequest, StartResponse, TaskCounts, TaskInfo};
+use crate::protocol::{AgentState, JobResponse, StatusAck, StatusReport};
 use crate::swarm::SwarmSession;
 use crate::swarm::Trust;
 
-/// A host silent this long, outside the running deployment, is forgotten.
+/// A host's live progress is dropped after this much silence.
 const HOST_TTL: Duration = Duration::from_secs(600);
-/// Bounds on a report's strings, in bytes: a host's row in the deployment
-/// view stays under 2 KB.
+/// Bounds on a report's strings, in bytes.
 const MAX_TEXT: usize = 128;
 const MAX_ERROR: usize = 512;
 
 pub struct ServerState {
     pub config: ServerConfig,
-    pub images: RwLock<BTreeMap<String, StoredImage>>,
+    pub images: RwLock<std::collections::BTreeMap<String, StoredImage>>,
     pub tracker: Tracker,
     pub seeds: SwarmSession,
     pub keys: HostKeys,
@@ -43,71 +45,48 @@ pub struct ServerState {
     /// from), shared with its seeds: strangers get one origin slot.
     pub trust: Arc<Trust>,
     pub counters: Arc<Counters>,
-    /// Jobs by MAC: from the config, changed by the admin API.
-    jobs: RwLock<BTreeMap<String, Job>>,
-    names: BTreeMap<String, String>,
-    hosts: RwLock<BTreeMap<String, Host>>,
-    deployment: RwLock<Option<Deployment>>,
+    pub rooms: Rooms,
+    /// The last report of each host with a task, by MAC: rates and peers,
+    /// which the database does not keep.
+    live: Mutex<HashMap<String, Live>>,
+    /// Hosts that joined an open deployment, by deployment and address.
+    joins: Mutex<HashMap<(u64, IpAddr), usize>>,
 }
 
-struct Host {
+/// Hosts one address may bring into an open deployment: a PC is one
+/// address, a student's PC making up MACs is not a room.
+pub const MAX_JOINS_PER_ADDRESS: usize = 16;
+
+struct Live {
     report: StatusReport,
     seen: Instant,
-    finished_after: Option<Duration>,
 }
 
-struct Deployment {
-    id: u64,
-    /// Hosts that fetched a job or reported, at most [`MAX_HOSTS`].
-    seats: HashMap<String, Seat>,
-    started: Instant,
-    expect: Option<usize>,
-    stopped: bool,
-    done_after: Option<Duration>,
-}
-
-struct Seat {
-    /// The order in which the host first asked for its job.
-    slot: u32,
-    /// The disk it said it writes: a retry is held to it.
-    disk: Option<DiskIdentity>,
-}
-
-impl Deployment {
-    /// The host's seat, taken now if there is room.
-    fn seat(&mut self, mac: &str) -> Option<&mut Seat> {
-        if !self.seats.contains_key(mac) && self.seats.len() >= MAX_HOSTS {
-            return None;
-        }
-        let slot = self.seats.len() as u32;
-        Some(
-            self.seats
-                .entry(mac.to_string())
-                .or_insert(Seat { slot, disk: None }),
-        )
-    }
-}
-/// What the dashboard and `admin status` show.
+/// What the dashboard and `admin status` show of one deployment.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeploymentView {
     pub id: Option<u64>,
+    pub group: Option<String>,
     pub running: bool,
     pub done: bool,
     pub elapsed_s: f64,
     pub done_after_s: Option<f64>,
     pub expect: Option<usize>,
+    #[serde(default)]
+    pub tasks: TaskCounts,
+    /// The other running deployments.
+    #[serde(default)]
+    pub running_ids: Vec<u64>,
     pub hosts: Vec<HostView>,
     pub images: Vec<ImageView>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HostView {
-    pub name: Option<String>,
-    pub seen_s_ago: f64,
+    #[serde(flatten)]
+    pub task: TaskInfo,
     pub finished_after_s: Option<f64>,
     pub eta_s: Option<f64>,
-    #[serde(flatten)]
-    pub report: StatusReport,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -127,17 +106,12 @@ pub struct ImageView {
 }
 
 impl ServerState {
-    pub fn new(config: ServerConfig, seeds: SwarmSession, counters: Arc<Counters>) -> Self {
-        let mut jobs = BTreeMap::new();
-        let mut names = BTreeMap::new();
-        for h in &config.hosts {
-            if let Some(j) = &h.job {
-                jobs.insert(h.mac.clone(), j.clone());
-            }
-            if let Some(n) = &h.name {
-                names.insert(h.mac.clone(), n.clone());
-            }
-        }
+    pub fn new(
+        config: ServerConfig,
+        rooms: Rooms,
+        seeds: SwarmSession,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             tracker: Tracker::new(Duration::from_secs(config.announce_interval)),
             keys: HostKeys::load_or_create(&config.images),
@@ -146,10 +120,9 @@ impl ServerState {
             config,
             images: RwLock::default(),
             seeds,
-            jobs: RwLock::new(jobs),
-            names,
-            hosts: RwLock::default(),
-            deployment: RwLock::default(),
+            rooms,
+            live: Mutex::default(),
+            joins: Mutex::default(),
         }
     }
 
@@ -168,25 +141,52 @@ impl ServerState {
         Some(SocketAddr::new(ip, seed.port()))
     }
 
-    /// The job of `mac`, for a request that reached the server at `local`.
-    /// Only a host with a job takes a seat in the deployment.
-    pub async fn job_for(&self, mac: &str, local: IpAddr) -> Result<JobResponse, JobError> {
-        let mac = normalize_mac(mac).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let job = self
-            .jobs
-            .read()
-            .await
-            .get(&mac)
-            .cloned()
-            .or_else(|| self.config.default_job.clone());
-        let Some(job) = job else {
-            return Err(JobError::NoJob(format!(
-                "no job for {mac}, and no default job"
-            )));
-        };
-        if !matches!(&*self.deployment.read().await, Some(d) if !d.stopped) {
-            return Err(JobError::NotStarted("no deployment is running".into()));
+    /// What a network boot of `mac` does; a MAC that is not one boots its
+    /// disk, and so does any host when the database fails.
+    /// Whether one more host from `ip` may join open deployment `dep`.
+    fn may_join(&self, dep: u64, ip: IpAddr) -> bool {
+        let mut j = self.joins.lock().unwrap_or_else(|p| p.into_inner());
+        if j.len() >= 65536 {
+            j.clear();
         }
+        let n = j.entry((dep, ip)).or_default();
+        *n += 1;
+        *n <= MAX_JOINS_PER_ADDRESS
+    }
+
+    pub fn boot(&self, mac: &str, remote: IpAddr) -> Boot {
+        let fallback = |why: String| Boot::Local {
+            exit: self.config.exit,
+            why,
+        };
+        let Ok(mac) = normalize_mac(mac) else {
+            return fallback(format!("{mac:?} is not a MAC address"));
+        };
+        match self.rooms.boot(&mac, &mut |d| self.may_join(d, remote)) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("deciding the boot of {mac}: {e:#}");
+                fallback(format!("the server's database failed: {e:#}"))
+            }
+        }
+    }
+
+    /// The job of `mac`'s open task, for a request that reached the server
+    /// at `local`.
+    pub async fn job_for(
+        &self,
+        mac: &str,
+        local: IpAddr,
+        remote: IpAddr,
+    ) -> Result<JobResponse, JobError> {
+        let claim = match self.rooms.claim(mac, &mut |d| self.may_join(d, remote)) {
+            Ok(c) => c,
+            Err(ClaimError::BadRequest(e)) => return Err(JobError::BadRequest(e)),
+            Err(ClaimError::NoTask(e)) => return Err(JobError::NoJob(e)),
+            Err(ClaimError::Full(e)) => return Err(JobError::NotStarted(e)),
+        };
+        let mac = normalize_mac(mac).map_err(|e| JobError::BadRequest(e.to_string()))?;
+        let job = claim.job;
         let seeded = match self.images.read().await.get(&job.image) {
             None => {
                 return Err(JobError::NoJob(format!(
@@ -204,20 +204,7 @@ impl ServerState {
                 _ => s.torrent.is_some(),
             },
         };
-        let (id, slot, disk) = match &mut *self.deployment.write().await {
-            Some(d) if !d.stopped => {
-                let id = d.id;
-                match d.seat(&mac) {
-                    Some(seat) => (id, seat.slot, seat.disk.clone()),
-                    // No room: a slot from the MAC, with nothing stored.
-                    None => {
-                        let b = mac_bytes(&mac).unwrap_or_default();
-                        (id, u32::from_be_bytes([b[2], b[3], b[4], b[5]]), None)
-                    }
-                }
-            }
-            _ => return Err(JobError::NotStarted("no deployment is running".into())),
-        };
+        let id = claim.deployment;
         let token = self.keys.issue(id, &mac);
         let announce = self.config.announce_url();
         let trackers = if self.config.tracker == "builtin" {
@@ -227,49 +214,54 @@ impl ServerState {
         };
         let name = &job.image;
         Ok(JobResponse {
-            host: self.names.get(&mac).cloned(),
+            host: claim.name,
             mac,
             manifest_url: format!("/images/{name}/manifest.json"),
             torrent_url: format!("/images/{name}/image.torrent"),
             trackers,
             deployment: id,
-            start_fraction: crate::protocol::spread(slot),
+            start_fraction: crate::protocol::spread(claim.slot),
             origin: if seeded { self.origin_for(local) } else { None },
-            disk,
+            disk: claim.disk,
             token,
             job,
         })
     }
 
-    pub async fn set_job(&self, mac: &str, job: Job) -> Result<()> {
-        let mac = normalize_mac(mac)?;
-        if !self.images.read().await.contains_key(&job.image) {
-            bail!("image {:?} is not in the store", job.image);
-        }
-        self.jobs.write().await.insert(mac, job);
-        Ok(())
+    /// The names of the images the store can serve.
+    pub async fn servable(&self) -> BTreeSet<String> {
+        self.images
+            .read()
+            .await
+            .iter()
+            .filter(|(_, s)| !matches!(s.state, SeedState::Failed(_)))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Records a host's report, if its token is the one issued to that host
-    /// for that deployment; reports without are counted and refused.
+    /// for that deployment and the host has a task there; reports without
+    /// are counted and refused.
     pub async fn report(&self, r: StatusReport) -> Result<StatusAck, ReportError> {
         let mac = normalize_mac(&r.mac).map_err(|e| ReportError::BadRequest(e.to_string()))?;
         let vouched = self
             .keys
             .check(&r.token)
             .is_some_and(|t| t.mac == mac && Some(t.deployment) == r.deployment);
-        if !vouched {
+        let refuse = |why: String| {
             self.counters
                 .reports_refused
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(ReportError::Refused(format!(
+            ReportError::Refused(why)
+        };
+        let Some(deployment) = r.deployment.filter(|_| vouched) else {
+            return Err(refuse(format!(
                 "status report for {mac} refused: it carries no token issued to this host \
                  for deployment {} (fetch the job again)",
                 r.deployment.map_or("none".into(), |d| d.to_string())
             )));
-        }
+        };
         let r = bounded(r, mac).map_err(|e| ReportError::BadRequest(format!("{e:#}")))?;
-        let mac = r.mac.clone();
         let image_failed = match &r.image {
             Some(name) => match self.images.read().await.get(name).map(|s| &s.state) {
                 Some(SeedState::Failed(e)) => {
@@ -279,154 +271,177 @@ impl ServerState {
             },
             None => None,
         };
-        let now = Instant::now();
-        let mut dep = self.deployment.write().await;
-        let mut hosts = self.hosts.write().await;
-        let mut current = dep.as_mut().filter(|d| r.deployment == Some(d.id));
-        if let (Some(d), Some(disk)) = (current.as_deref_mut(), &r.disk)
-            && let Some(seat) = d.seat(&mac)
-            && seat.disk.is_none()
-        {
-            seat.disk = Some(disk.clone());
-        }
-        let was_finished = hosts
-            .get(&mac)
-            .filter(|h| h.report.deployment == r.deployment)
-            .and_then(|h| h.finished_after);
-        let finished_after = match (r.state.finished(), was_finished, &current) {
-            (false, ..) => None,
-            (true, Some(t), _) => Some(t),
-            (true, None, Some(d)) => Some(now - d.started),
-            (true, None, None) => None,
+        let outcome = self
+            .rooms
+            .update(&Update {
+                deployment,
+                mac: &r.mac,
+                state: r.state,
+                progress: &r.progress,
+                error: r.error.as_deref(),
+                disk: r.disk.as_ref(),
+                log: &r.log,
+            })
+            .map_err(|e| ReportError::Internal(format!("recording the report: {e:#}")))?;
+        let Some(outcome) = outcome else {
+            return Err(refuse(format!(
+                "status report for {} refused: it has no task in deployment {deployment}",
+                r.mac
+            )));
         };
-        if !hosts.contains_key(&mac)
-            && hosts.len() >= MAX_HOSTS
-            && let Some(old) = hosts
-                .iter()
-                .min_by_key(|(_, h)| h.seen)
-                .map(|(m, _)| m.clone())
-        {
-            hosts.remove(&old);
-        }
-        let deployment = r.deployment;
-        hosts.insert(
-            mac,
-            Host {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = r;
+        r.log = Vec::new();
+        live.insert(
+            r.mac.clone(),
+            Live {
                 report: r,
-                seen: now,
-                finished_after,
+                seen: Instant::now(),
             },
         );
-        // Only a host that just finished can complete the deployment.
-        if let Some(d) = current
-            && finished_after.is_some()
-            && was_finished.is_none()
-            && d.done_after.is_none()
-        {
-            let members = hosts.values().filter(|h| h.report.deployment == deployment);
-            let (n, finished) = members.fold((0, 0), |(n, f), h| {
-                (n + 1, f + usize::from(h.finished_after.is_some()))
-            });
-            let all = match d.expect {
-                Some(want) => finished >= want,
-                None => finished == n,
-            };
-            if all {
-                d.done_after = Some(now - d.started);
-                tracing::info!(
-                    "deployment {} done: {finished} hosts in {:.1?}",
-                    d.id,
-                    now - d.started
-                );
-            }
-        }
-        Ok(match &*dep {
-            Some(d) => StatusAck {
-                deployment_done: d.done_after.is_some(),
-                stopped: d.stopped,
-                image_failed,
-            },
-            None => StatusAck {
-                image_failed,
-                ..Default::default()
-            },
+        Ok(StatusAck {
+            deployment_done: outcome.deployment_done,
+            stopped: outcome.stopped,
+            image_failed,
         })
     }
 
-    /// Forgets hosts silent for [`HOST_TTL`] that are not in the current
-    /// deployment.
-    pub async fn prune_hosts(&self) {
-        let current = self.deployment.read().await.as_ref().map(|d| d.id);
+    /// Forgets live progress of hosts silent for [`HOST_TTL`].
+    pub fn prune_hosts(&self) {
         let now = Instant::now();
-        self.hosts.write().await.retain(|_, h| {
-            h.report.deployment == current && current.is_some()
-                || now.duration_since(h.seen) < HOST_TTL
-        });
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, h| now.duration_since(h.seen) < HOST_TTL);
     }
 
-    pub async fn start_deployment(&self, expect: Option<usize>) -> u64 {
-        let mut dep = self.deployment.write().await;
-        let id = dep.as_ref().map_or(1, |d| d.id + 1);
-        *dep = Some(Deployment {
-            id,
-            seats: HashMap::new(),
-            started: Instant::now(),
-            expect,
-            stopped: false,
-            done_after: None,
-        });
-        tracing::info!(
-            "deployment {id} started{}",
-            expect.map_or(String::new(), |n| format!(", expecting {n} hosts"))
-        );
-        id
-    }
-
-    pub async fn stop_deployment(&self) -> Result<u64> {
-        match self.deployment.write().await.as_mut() {
-            Some(d) if !d.stopped => {
-                d.stopped = true;
-                Ok(d.id)
-            }
-            _ => bail!("no deployment is running"),
+    /// Starts a deployment now (and wakes its hosts if asked); with `at`, stores a schedule.
+    pub async fn start(&self, req: &StartRequest) -> Result<StartResponse> {
+        if req.at.is_some() || req.every.is_some() {
+            bail!("schedules: not yet");
         }
+        let images = self.servable().await;
+        let id = self.rooms.start(req, |i| images.contains(i))?;
+        let mut woken = 0;
+        if req.wake {
+            let targets = self.rooms.wake_targets(req.group.as_deref(), &req.hosts)?;
+            let macs: Vec<&str> = targets.iter().map(|(m, _)| m.as_str()).collect();
+            woken = super::wol::wake(&macs, self.config.wol_broadcast)?;
+        }
+        Ok(StartResponse {
+            deployment: Some(id),
+            schedule: None,
+            next: None,
+            woken,
+        })
     }
 
-    pub async fn view(&self) -> DeploymentView {
+    /// Starts a deployment of every host that asks (`serve --deploy`).
+    pub async fn start_open(&self, expect: Option<usize>) -> Result<u64> {
+        let req = StartRequest {
+            open: true,
+            expect,
+            ..Default::default()
+        };
+        // After a restart, the open deployment goes on.
+        if let Some(id) = self.rooms.running_open()? {
+            tracing::info!("deployment {id} continues");
+            return Ok(id);
+        }
+        // At start the store is still being scanned: a missing image shows
+        // when a host asks for its job.
+        self.rooms.start(&req, |_| true)
+    }
+
+    /// The live fields of a task's host, if it reported since the server
+    /// started.
+    fn with_live(&self, mut t: TaskInfo, live: &HashMap<String, Live>, now: Instant) -> TaskInfo {
+        if let Some(l) = live.get(&t.mac)
+            && l.report.deployment == Some(t.deployment)
+        {
+            let p = &l.report.progress;
+            t.state = Some(l.report.state);
+            t.done_bytes = p.done_bytes;
+            t.total_bytes = p.total_bytes;
+            t.uploaded_bytes = p.uploaded_bytes;
+            t.origin_bytes = p.origin_bytes;
+            t.down_bps = p.down_bps;
+            t.up_bps = p.up_bps;
+            t.peers = p.peers;
+            if l.report.error.is_some() {
+                t.error = l.report.error.clone();
+            }
+            t.seen_s_ago = Some(now.duration_since(l.seen).as_secs_f64());
+        }
+        t
+    }
+
+    /// One deployment (default: the newest running one, else the newest)
+    /// with `limit` of its hosts from `offset`.
+    pub async fn view(&self, id: Option<u64>, offset: usize, limit: usize) -> DeploymentView {
+        let running = self.rooms.running().unwrap_or_default();
+        let id = id.or(running.first().copied()).or_else(|| {
+            self.rooms
+                .deployments(1, None)
+                .ok()
+                .and_then(|v| v.first().map(|d| d.id))
+        });
+        let d: Option<DeploymentInfo> = id.and_then(|i| self.rooms.deployment(i).ok().flatten());
+        let tasks = match &d {
+            Some(d) => self.rooms.tasks(d.id, offset, limit).unwrap_or_default(),
+            None => Vec::new(),
+        };
         let now = Instant::now();
-        let dep = self.deployment.read().await;
-        let hosts = self.hosts.read().await;
-        let secs = |d: Duration| d.as_secs_f64();
-        let hosts: Vec<HostView> = hosts
-            .iter()
-            .map(|(mac, h)| {
-                let r = &h.report;
-                let p = &r.progress;
-                let left = p.total_bytes.saturating_sub(p.done_bytes) as f64;
-                HostView {
-                    name: self.names.get(mac).cloned(),
-                    seen_s_ago: secs(now - h.seen),
-                    finished_after_s: h.finished_after.map(secs),
-                    eta_s: (r.state == AgentState::Downloading && p.down_bps > 0.0)
-                        .then(|| left / p.down_bps),
-                    report: r.clone(),
-                }
-            })
-            .collect();
+        let wall = super::db::now_ms();
+        let secs = |ms: i64| ms as f64 / 1000.0;
+        let hosts = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            tasks
+                .into_iter()
+                .map(|t| {
+                    let t = self.with_live(t, &live, now);
+                    let started = d.as_ref().map_or(0, |d| d.started_ms);
+                    let left = t.total_bytes.saturating_sub(t.done_bytes) as f64;
+                    HostView {
+                        finished_after_s: (t.task == crate::protocol::admin::TaskState::Done)
+                            .then(|| t.ended_ms.map(|e| secs(e - started)))
+                            .flatten(),
+                        eta_s: (t.state == Some(AgentState::Downloading) && t.down_bps > 0.0)
+                            .then(|| left / t.down_bps),
+                        task: t,
+                    }
+                })
+                .collect()
+        };
+        use crate::protocol::admin::DeploymentState as S;
         DeploymentView {
-            id: dep.as_ref().map(|d| d.id),
-            running: dep
+            id: d.as_ref().map(|d| d.id),
+            group: d.as_ref().and_then(|d| d.group.clone()),
+            running: d.as_ref().is_some_and(|d| d.state == S::Running),
+            done: d.as_ref().is_some_and(|d| d.state == S::Done),
+            elapsed_s: d
                 .as_ref()
-                .is_some_and(|d| !d.stopped && d.done_after.is_none()),
-            done: dep.as_ref().is_some_and(|d| d.done_after.is_some()),
-            elapsed_s: dep
+                .map_or(0.0, |d| secs(d.ended_ms.unwrap_or(wall) - d.started_ms)),
+            done_after_s: d
                 .as_ref()
-                .map_or(0.0, |d| secs(d.done_after.unwrap_or(now - d.started))),
-            done_after_s: dep.as_ref().and_then(|d| d.done_after.map(secs)),
-            expect: dep.as_ref().and_then(|d| d.expect),
+                .filter(|d| d.state == S::Done)
+                .and_then(|d| d.ended_ms.map(|e| secs(e - d.started_ms))),
+            expect: d.as_ref().and_then(|d| d.expect),
+            tasks: d.as_ref().map(|d| d.tasks.clone()).unwrap_or_default(),
+            running_ids: running,
             hosts,
             images: self.image_views().await,
         }
+    }
+
+    /// Every host's live fields merged into `tasks`.
+    pub fn live_tasks(&self, tasks: Vec<TaskInfo>) -> Vec<TaskInfo> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        tasks
+            .into_iter()
+            .map(|t| self.with_live(t, &live, now))
+            .collect()
     }
 
     pub async fn image_views(&self) -> Vec<ImageView> {
@@ -476,8 +491,9 @@ pub enum JobError {
 #[derive(Debug)]
 pub enum ReportError {
     BadRequest(String),
-    /// No valid token for the host.
+    /// No valid token for the host, or no task.
     Refused(String),
+    Internal(String),
 }
 
 /// A report with its MAC normalized, its token dropped (the deployment
@@ -489,6 +505,13 @@ fn bounded(mut r: StatusReport, mac: String) -> Result<StatusReport> {
     r.image = r.image.map(|s| clip(s, MAX_TEXT));
     r.target = r.target.map(|s| clip(s, MAX_TEXT));
     r.error = r.error.map(|s| clip(s, MAX_ERROR));
+    let skip = r.log.len().saturating_sub(StatusReport::MAX_LOG_LINES);
+    r.log = r
+        .log
+        .into_iter()
+        .skip(skip)
+        .map(|l| clip(l, StatusReport::MAX_LOG_LINE))
+        .collect();
     if let Some(d) = &r.disk {
         for (what, v) in [
             ("wwn", &d.wwn),

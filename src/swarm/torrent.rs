@@ -127,6 +127,8 @@ pub(crate) struct Shared {
     done_bytes: AtomicU64,
     pub(super) uploaded: AtomicU64,
     downloaded: AtomicU64,
+    /// Of `downloaded`, what came from the origin.
+    from_origin: AtomicU64,
     /// Download and upload, bytes per second.
     rates: Mutex<(f64, f64)>,
     fetch_memory: AtomicUsize,
@@ -178,6 +180,7 @@ impl Shared {
             done_bytes: AtomicU64::new(0),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
+            from_origin: AtomicU64::new(0),
             rates: Mutex::new((0.0, 0.0)),
             fetch_memory: AtomicUsize::new(0),
             up_limit: p.up_limit,
@@ -422,6 +425,9 @@ impl Shared {
             let len = u64::from(self.lengths.size(p));
             self.done_bytes.fetch_add(len, Ordering::Relaxed);
             self.downloaded.fetch_add(len, Ordering::Relaxed);
+            if from_origin {
+                self.from_origin.fetch_add(len, Ordering::Relaxed);
+            }
             let m = out::have(p);
             for e in lock(&self.peers).values() {
                 e.out.control(&m);
@@ -629,6 +635,7 @@ impl Torrent {
             up_bps: up,
             peers: s.peer_count(),
             finished: *s.done.borrow(),
+            origin_bytes: s.from_origin.load(Ordering::Relaxed),
         }
     }
 

@@ -1,14 +1,15 @@
-//! The admin API, behind the config's bearer token.
+//! The admin API, behind the admin credential: hosts, groups, deployments,
+//! history, logs.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{AppState, error};
 use crate::protocol::Job;
-use crate::server::wol;
+use crate::protocol::admin::{GroupInfo, HostLog, HostUpdate, StartRequest};
 
 /// Checks `Authorization: Bearer <token>`: `Some(refusal)` unless it matches.
 fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
@@ -36,18 +37,52 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub async fn images(State(s): State<AppState>, h: HeaderMap) -> Response {
-    if let Some(r) = deny(&s, &h) {
-        return r;
+/// An `anyhow` result as JSON, or 400 with its message.
+fn answer<T: serde::Serialize>(r: anyhow::Result<T>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     }
+}
+
+macro_rules! admin {
+    ($s:expr, $h:expr) => {
+        if let Some(r) = deny(&$s, &$h) {
+            return r;
+        }
+    };
+}
+
+pub async fn images(State(s): State<AppState>, h: HeaderMap) -> Response {
+    admin!(s, h);
     Json(s.image_views().await).into_response()
 }
 
 pub async fn hosts(State(s): State<AppState>, h: HeaderMap) -> Response {
-    if let Some(r) = deny(&s, &h) {
-        return r;
-    }
-    Json(s.view().await.hosts).into_response()
+    admin!(s, h);
+    answer(s.rooms.hosts().map(|mut v| {
+        for host in &mut v {
+            if let Some(t) = host.task.take() {
+                host.task = s.live_tasks(vec![t]).pop();
+            }
+        }
+        v
+    }))
+}
+
+pub async fn update_host(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(mac): Path<String>,
+    Json(u): Json<HostUpdate>,
+) -> Response {
+    admin!(s, h);
+    let images = s.servable().await;
+    answer(
+        s.rooms
+            .update_host(&mac, &u, |i| images.contains(i))
+            .map(|()| serde_json::json!({ "mac": mac })),
+    )
 }
 
 pub async fn set_job(
@@ -56,29 +91,111 @@ pub async fn set_job(
     Path(mac): Path<String>,
     Json(job): Json<Job>,
 ) -> Response {
-    if let Some(r) = deny(&s, &h) {
-        return r;
-    }
-    match s.set_job(&mac, job).await {
+    admin!(s, h);
+    let images = s.servable().await;
+    let u = HostUpdate {
+        job: Some(job),
+        ..Default::default()
+    };
+    match s.rooms.update_host(&mac, &u, |i| images.contains(i)) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StartRequest {
-    /// Hosts to wait for before the deployment counts as done.
-    pub expect: Option<usize>,
-    /// Send Wake-on-LAN packets to every configured host first.
-    #[serde(default)]
-    pub wake: bool,
+/// Re-images one host: a deployment of just that host.
+pub async fn reimage(State(s): State<AppState>, h: HeaderMap, Path(mac): Path<String>) -> Response {
+    admin!(s, h);
+    let req = StartRequest {
+        hosts: vec![mac],
+        ..Default::default()
+    };
+    answer(s.start(&req).await)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StartResponse {
-    pub deployment: u64,
-    pub woken: usize,
+#[derive(Debug, Deserialize)]
+pub struct LogQuery {
+    deployment: Option<u64>,
+}
+
+pub async fn log(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(mac): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    admin!(s, h);
+    answer(
+        s.rooms
+            .log(&mac, q.deployment)
+            .map(|(deployment, lines)| HostLog {
+                mac,
+                deployment,
+                lines,
+            }),
+    )
+}
+
+pub async fn groups(State(s): State<AppState>, h: HeaderMap) -> Response {
+    admin!(s, h);
+    answer(s.rooms.groups())
+}
+
+pub async fn put_group(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(mut g): Json<GroupInfo>,
+) -> Response {
+    admin!(s, h);
+    g.name = name;
+    let images = s.servable().await;
+    answer(
+        s.rooms
+            .put_group(&g, |i| images.contains(i))
+            .map(|()| serde_json::json!({ "group": g.name })),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    before: Option<u64>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// The history: deployments, newest first, 50 a page (`?before=ID`).
+pub async fn deployments(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Query(p): Query<Page>,
+) -> Response {
+    admin!(s, h);
+    answer(
+        s.rooms
+            .deployments(p.limit.unwrap_or(50).min(500), p.before),
+    )
+}
+
+/// One deployment with a page of its hosts (`?offset=&limit=`).
+pub async fn deployment(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    Query(p): Query<Page>,
+) -> Response {
+    admin!(s, h);
+    if !matches!(s.rooms.deployment(id), Ok(Some(_))) {
+        return error(StatusCode::NOT_FOUND, format!("no deployment {id}"));
+    }
+    let v = s
+        .view(
+            Some(id),
+            p.offset.unwrap_or(0),
+            p.limit.unwrap_or(super::super::MAX_HOSTS),
+        )
+        .await;
+    Json(v).into_response()
 }
 
 pub async fn start(
@@ -86,36 +203,26 @@ pub async fn start(
     h: HeaderMap,
     Json(req): Json<StartRequest>,
 ) -> Response {
-    if let Some(r) = deny(&s, &h) {
-        return r;
-    }
-    let mut woken = 0;
-    if req.wake {
-        let macs: Vec<&str> = s.config.hosts.iter().map(|h| h.mac.as_str()).collect();
-        match wol::wake(&macs, s.config.wol_broadcast) {
-            Ok(n) => woken = n,
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("Wake-on-LAN: {e:#}"),
-                );
-            }
-        }
-    }
-    let id = s.start_deployment(req.expect).await;
-    Json(StartResponse {
-        deployment: id,
-        woken,
-    })
-    .into_response()
+    admin!(s, h);
+    answer(s.start(&req).await)
 }
 
-pub async fn stop(State(s): State<AppState>, h: HeaderMap) -> Response {
-    if let Some(r) = deny(&s, &h) {
-        return r;
+pub async fn stop(State(s): State<AppState>, h: HeaderMap, Path(id): Path<u64>) -> Response {
+    admin!(s, h);
+    match s.rooms.stop(id) {
+        Ok(()) => Json(serde_json::json!({ "deployment": id, "stopped": true })).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
     }
-    match s.stop_deployment().await {
-        Ok(id) => Json(serde_json::json!({ "deployment": id, "stopped": true })).into_response(),
+}
+
+/// Stops the newest running deployment (the API of one deployment at a time).
+pub async fn stop_newest(State(s): State<AppState>, h: HeaderMap) -> Response {
+    admin!(s, h);
+    let Some(id) = s.rooms.running().ok().and_then(|v| v.first().copied()) else {
+        return error(StatusCode::CONFLICT, "no deployment is running");
+    };
+    match s.rooms.stop(id) {
+        Ok(()) => Json(serde_json::json!({ "deployment": id, "stopped": true })).into_response(),
         Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
     }
 }

@@ -1,6 +1,6 @@
 //! What agents (and the dashboard) read: jobs, image files, status.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -16,7 +16,7 @@ pub async fn job(
     Extension(c): Extension<Conn>,
     Path(mac): Path<String>,
 ) -> Response {
-    match s.job_for(&mac, c.local.ip()).await {
+    match s.job_for(&mac, c.local.ip(), c.remote.ip()).await {
         Ok(j) => Json(j).into_response(),
         Err(JobError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(JobError::NoJob(e)) => error(StatusCode::NOT_FOUND, e),
@@ -60,9 +60,19 @@ pub async fn status(State(s): State<AppState>, Json(r): Json<StatusReport>) -> R
         Ok(ack) => Json(ack).into_response(),
         Err(ReportError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(ReportError::Refused(e)) => error(StatusCode::FORBIDDEN, e),
+        Err(ReportError::Internal(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
-pub async fn deployment(State(s): State<AppState>) -> Response {
-    Json(s.view().await).into_response()
+#[derive(Debug, serde::Deserialize)]
+pub struct ViewQuery {
+    id: Option<u64>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// The newest running deployment (or `?id=`), with a page of its hosts.
+pub async fn deployment(State(s): State<AppState>, Query(q): Query<ViewQuery>) -> Response {
+    let limit = q.limit.unwrap_or(crate::server::MAX_HOSTS);
+    Json(s.view(q.id, q.offset.unwrap_or(0), limit).await).into_response()
 }

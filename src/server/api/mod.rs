@@ -30,9 +30,20 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/deployment", get(agent::deployment))
         .route("/api/v1/admin/images", get(admin::images))
         .route("/api/v1/admin/hosts", get(admin::hosts))
+        .route("/api/v1/admin/hosts/{mac}", put(admin::update_host))
         .route("/api/v1/admin/hosts/{mac}/job", put(admin::set_job))
+        .route("/api/v1/admin/hosts/{mac}/reimage", post(admin::reimage))
+        .route("/api/v1/admin/hosts/{mac}/log", get(admin::log))
+        .route("/api/v1/admin/groups", get(admin::groups))
+        .route("/api/v1/admin/groups/{name}", put(admin::put_group))
+        .route(
+            "/api/v1/admin/deployments",
+            get(admin::deployments).post(admin::start),
+        )
+        .route("/api/v1/admin/deployments/{id}", get(admin::deployment))
+        .route("/api/v1/admin/deployments/{id}/stop", post(admin::stop))
         .route("/api/v1/admin/deployment/start", post(admin::start))
-        .route("/api/v1/admin/deployment/stop", post(admin::stop))
+        .route("/api/v1/admin/deployment/stop", post(admin::stop_newest))
         .with_state(state)
 }
 

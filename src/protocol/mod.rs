@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod admin;
+
 pub const API: &str = "/api/v1";
 
 /// What one host is to do. Per host in the server config, or the default.
@@ -33,6 +35,21 @@ pub struct Job {
 
 fn default_seed_cap() -> u64 {
     120
+}
+
+impl Job {
+    /// The job that writes `image` with every other setting at its default.
+    pub fn for_image(image: &str) -> Self {
+        Self {
+            image: image.to_string(),
+            target: TargetSelector::default(),
+            on_done: PostAction::default(),
+            keep_seeding: SeedPolicy::default(),
+            seed_cap_minutes: default_seed_cap(),
+            verify: Verify::default(),
+            incremental: false,
+        }
+    }
 }
 
 /// Which disk to write. With no criteria: the largest internal,
@@ -311,6 +328,15 @@ pub struct StatusReport {
     /// The disk this host writes, once chosen.
     #[serde(default)]
     pub disk: Option<DiskIdentity>,
+    /// The agent's log lines since its last report, at most
+    /// [`StatusReport::MAX_LOG_LINES`] of [`StatusReport::MAX_LOG_LINE`] bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
+}
+
+impl StatusReport {
+    pub const MAX_LOG_LINES: usize = 64;
+    pub const MAX_LOG_LINE: usize = 300;
 }
 
 /// A torrent's progress, as the agent reports it and the console shows it.
@@ -325,6 +351,9 @@ pub struct Progress {
     pub peers: usize,
     #[serde(default)]
     pub finished: bool,
+    /// Of `done_bytes`, what came from the server's seed.
+    #[serde(default)]
+    pub origin_bytes: u64,
 }
 
 /// The server's answer to a status report.

@@ -1,0 +1,1186 @@
+//! Rooms: hosts, groups, deployments and their one-shot tasks, as stored
+//! in the database. This is the one place that decides what a host's
+//! network boot does and whether it gets a job.
+//!
+//! A deployment images a group (or listed hosts, or with no group every
+//! registered host with a job). Starting it gives each member one task;
+//! a task is pending until the host fetches its job, then running, then
+//! done, or back to pending after a failure until it has failed
+//! `max_attempts` times. A host with no open task boots its disk. Unknown
+//! hosts are registered when they network-boot and boot their disk, unless
+//! a running deployment is open to them.
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, Transaction, params};
+
+use super::MAX_HOSTS;
+use super::config::{ServerConfig, normalize_mac};
+use super::db::{self, Db, count, json_col, now_ms, one, to_json};
+use crate::protocol::admin::{
+    DeploymentInfo, DeploymentState, ExitType, GroupInfo, HostInfo, HostUpdate, LogLine,
+    StartRequest, TaskCounts, TaskInfo, TaskState,
+};
+use crate::protocol::{AgentState, DiskIdentity, Job, Progress};
+
+/// Hosts seen network-booting but never approved, at most; past this the
+/// least recently seen is forgotten.
+pub const MAX_UNREGISTERED: i64 = 4096;
+/// Attempts per task unless the start request says otherwise.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+/// The agent's log lines kept per task.
+pub const LOG_LINES_KEPT: i64 = 400;
+
+pub struct Rooms {
+    db: Db,
+    default_job: Option<Job>,
+    default_exit: ExitType,
+}
+
+/// What a host's network boot does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// Boot the agent: the host has an open task in this deployment.
+    Agent { deployment: u64 },
+    /// Boot the local disk.
+    Local { exit: ExitType, why: String },
+}
+
+/// A host's open task, handed out with its job.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub deployment: u64,
+    pub slot: u32,
+    pub job: Job,
+    pub name: Option<String>,
+    pub disk: Option<DiskIdentity>,
+}
+
+#[derive(Debug)]
+pub enum ClaimError {
+    BadRequest(String),
+    /// No open task: the reason, for the agent's screen.
+    NoTask(String),
+    /// Too many hosts in the open deployment.
+    Full(String),
+}
+
+/// What an agent's report changes.
+pub struct Update<'a> {
+    pub deployment: u64,
+    pub mac: &'a str,
+    pub state: AgentState,
+    pub progress: &'a Progress,
+    pub error: Option<&'a str>,
+    pub disk: Option<&'a DiskIdentity>,
+    pub log: &'a [String],
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub deployment_done: bool,
+    /// The deployment was stopped or the task cancelled.
+    pub stopped: bool,
+    /// This report ended the task (done, or failed for good).
+    pub ended: bool,
+}
+
+type Tx<'a> = Transaction<'a>;
+
+impl Rooms {
+    /// Opens the database in `cfg.state_dir` and applies the config's hosts
+    /// and groups to it.
+    pub fn open(cfg: &ServerConfig) -> Result<Self> {
+        Self::with(Db::open(&cfg.state_dir)?, cfg)
+    }
+
+    pub fn with(db: Db, cfg: &ServerConfig) -> Result<Self> {
+        let r = Self {
+            db,
+            default_job: cfg.default_job.clone(),
+            default_exit: cfg.exit,
+        };
+        r.apply_config(cfg)?;
+        Ok(r)
+    }
+
+    /// The config declares hosts and groups; what it says wins over what
+    /// the API changed, field by field, at every start.
+    fn apply_config(&self, cfg: &ServerConfig) -> Result<()> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        for g in &cfg.groups {
+            tx.execute(
+                "INSERT INTO groups (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                [&g.name],
+            )?;
+            if let Some(j) = &g.job {
+                tx.execute(
+                    "UPDATE groups SET job = ?2 WHERE name = ?1",
+                    params![g.name, to_json(j)],
+                )?;
+            }
+            if let Some(e) = g.exit {
+                tx.execute(
+                    "UPDATE groups SET exit = ?2 WHERE name = ?1",
+                    params![g.name, to_json(&e)],
+                )?;
+            }
+            if let Some(w) = g.wake {
+                tx.execute(
+                    "UPDATE groups SET wake = ?2 WHERE name = ?1",
+                    params![g.name, w.to_string()],
+                )?;
+            }
+            for m in &g.members {
+                upsert_host(&tx, m, now)?;
+                tx.execute(
+                    "UPDATE hosts SET grp = ?2, registered = 1 WHERE mac = ?1",
+                    params![m, g.name],
+                )?;
+            }
+        }
+        for h in &cfg.hosts {
+            upsert_host(&tx, &h.mac, now)?;
+            tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&h.mac])?;
+            if let Some(n) = &h.name {
+                tx.execute(
+                    "UPDATE hosts SET name = ?2 WHERE mac = ?1",
+                    params![h.mac, n],
+                )?;
+            }
+            if let Some(j) = &h.job {
+                tx.execute(
+                    "UPDATE hosts SET job = ?2 WHERE mac = ?1",
+                    params![h.mac, to_json(j)],
+                )?;
+            }
+            if let Some(e) = h.exit {
+                tx.execute(
+                    "UPDATE hosts SET exit = ?2 WHERE mac = ?1",
+                    params![h.mac, to_json(&e)],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What `mac`'s network boot does. An unknown MAC is registered (seen,
+    /// not approved) and boots its disk, unless an open deployment takes it.
+    /// `may_join(deployment)` says whether the host may join that open
+    /// deployment (the caller bounds joins per address).
+    pub fn boot(&self, mac: &str, may_join: &mut dyn FnMut(u64) -> bool) -> Result<Boot> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        let known = upsert_host(&tx, mac, now)?;
+        if !known {
+            evict_unregistered(&tx)?;
+        }
+        let decision = match open_task(&tx, mac, self, may_join)? {
+            Ok(t) => Boot::Agent {
+                deployment: t.deployment,
+            },
+            Err(why) => Boot::Local {
+                exit: exit_for(&tx, mac)?.unwrap_or(self.default_exit),
+                why,
+            },
+        };
+        tx.commit()?;
+        Ok(decision)
+    }
+
+    /// The job of `mac`'s open task, marked running (an attempt, when it
+    /// was pending).
+    pub fn claim(
+        &self,
+        mac: &str,
+        may_join: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Claim, ClaimError> {
+        let mac = normalize_mac(mac).map_err(|e| ClaimError::BadRequest(e.to_string()))?;
+        let r = (|| -> Result<Result<Claim, ClaimError>> {
+            let mut c = self.db.lock();
+            let tx = c.transaction()?;
+            let now = now_ms();
+            if !upsert_host(&tx, &mac, now)? {
+                evict_unregistered(&tx)?;
+            }
+            let t = match open_task(&tx, &mac, self, may_join)? {
+                Ok(t) => t,
+                Err(why) => {
+                    tx.commit()?;
+                    let full = why.starts_with("deployment") && why.contains(" is full");
+                    return Ok(Err(if full {
+                        ClaimError::Full(why)
+                    } else {
+                        ClaimError::NoTask(why)
+                    }));
+                }
+            };
+            if t.state == TaskState::Pending {
+                tx.execute(
+                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, \
+                     started = coalesce(started, ?2) WHERE id = ?1",
+                    params![t.id, now],
+                )?;
+            }
+            let name = one(&tx, "SELECT name FROM hosts WHERE mac = ?1", [&mac], |r| {
+                r.get::<_, Option<String>>(0)
+            })?
+            .flatten();
+            tx.commit()?;
+            Ok(Ok(Claim {
+                deployment: t.deployment,
+                slot: t.slot,
+                job: t.job,
+                name,
+                disk: t.disk,
+            }))
+        })();
+        r.unwrap_or_else(|e| Err(ClaimError::NoTask(format!("the server's database: {e:#}"))))
+    }
+
+    /// Applies an agent's report to its task. `None`: the host has no task
+    /// in that deployment.
+    pub fn update(&self, u: &Update) -> Result<Option<Outcome>> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        let Some((id, state, attempts, max, dstate)) = one(
+            &tx,
+            "SELECT t.id, t.state, t.attempts, t.max_attempts, d.state FROM tasks t \
+             JOIN deployments d ON d.id = t.deployment WHERE t.deployment = ?1 AND t.mac = ?2",
+            params![u.deployment as i64, u.mac],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            },
+        )?
+        else {
+            return Ok(None);
+        };
+        let state = TaskState::parse(&state).context("a task's state")?;
+        let dstate = DeploymentState::parse(&dstate).context("a deployment's state")?;
+        tx.execute(
+            "UPDATE hosts SET last_seen = ?2 WHERE mac = ?1",
+            params![u.mac, now],
+        )?;
+        if let Some(d) = u.disk {
+            tx.execute(
+                "UPDATE tasks SET disk = ?2 WHERE id = ?1 AND disk IS NULL",
+                params![id, to_json(d)],
+            )?;
+        }
+        append_log(&tx, id, now, u.log)?;
+        let p = u.progress;
+        tx.execute(
+            "UPDATE tasks SET agent_state = ?2, done_bytes = ?3, total_bytes = ?4, \
+             uploaded_bytes = ?5, origin_bytes = ?6 WHERE id = ?1",
+            params![
+                id,
+                to_json(&u.state),
+                p.done_bytes as i64,
+                p.total_bytes as i64,
+                p.uploaded_bytes as i64,
+                p.origin_bytes as i64
+            ],
+        )?;
+        let mut out = Outcome::default();
+        match (state, u.state) {
+            (TaskState::Pending | TaskState::Running, s) if s.finished() => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'done', ended = ?2, error = NULL WHERE id = ?1",
+                    params![id, now],
+                )?;
+                out.ended = true;
+            }
+            (TaskState::Running, AgentState::Failed) => {
+                let last = attempts >= max;
+                tx.execute(
+                    "UPDATE tasks SET state = ?2, error = ?3, ended = ?4 WHERE id = ?1",
+                    params![
+                        id,
+                        if last { "failed" } else { "pending" },
+                        u.error,
+                        last.then_some(now)
+                    ],
+                )?;
+                out.ended = last;
+            }
+            // A host that reports while its task waits (the server restarted
+            // from a copy that missed the claim) is running it.
+            (TaskState::Pending, _) if dstate == DeploymentState::Running => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'running', attempts = max(attempts, 1), \
+                     started = coalesce(started, ?2) WHERE id = ?1",
+                    params![id, now],
+                )?;
+            }
+            _ => {}
+        }
+        if out.ended {
+            settle(&tx, u.deployment, now)?;
+        }
+        let (dstate, tstate) = one(
+            &tx,
+            "SELECT d.state, t.state FROM tasks t JOIN deployments d ON d.id = t.deployment \
+             WHERE t.id = ?1",
+            [id],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )?
+        .context("the task just updated")?;
+        out.deployment_done = dstate == "done";
+        out.stopped = dstate == "stopped" || tstate == "cancelled";
+        tx.commit()?;
+        Ok(Some(out))
+    }
+
+    /// Starts a deployment; `has_image` says whether the store holds an
+    /// image (and can serve it). Returns its id.
+    pub fn start(&self, req: &StartRequest, has_image: impl Fn(&str) -> bool) -> Result<u64> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        if let Some(img) = &req.image
+            && !has_image(img)
+        {
+            bail!("image {img:?} is not in the store");
+        }
+        let max_attempts = req.max_attempts.unwrap_or(DEFAULT_ATTEMPTS).clamp(1, 100);
+        let members: Vec<String> = if !req.hosts.is_empty() {
+            let mut v = Vec::new();
+            for m in &req.hosts {
+                let m = normalize_mac(m)?;
+                upsert_host(&tx, &m, now)?;
+                tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&m])?;
+                v.push(m);
+            }
+            v
+        } else if let Some(g) = &req.group {
+            if count(&tx, "SELECT count(*) FROM groups WHERE name = ?1", [g])? == 0 {
+                bail!("no group {g:?}");
+            }
+            if let Some(id) = one(
+                &tx,
+                "SELECT id FROM deployments WHERE grp = ?1 AND state = 'running'",
+                [g],
+                |r| r.get::<_, i64>(0),
+            )? {
+                bail!("group {g:?} is already being deployed (deployment {id}): stop it first");
+            }
+            strings(
+                &tx,
+                "SELECT mac FROM hosts WHERE grp = ?1 AND registered = 1 ORDER BY mac",
+                [g],
+            )?
+        } else {
+            strings(
+                &tx,
+                "SELECT mac FROM hosts WHERE registered = 1 ORDER BY mac",
+                [],
+            )?
+            .into_iter()
+            .filter(|m| req.image.is_some() || job_of(&tx, m, self, None).ok().flatten().is_some())
+            .collect()
+        };
+        if req.open
+            && let Some(id) = one(
+                &tx,
+                "SELECT id FROM deployments WHERE open = 1 AND state = 'running'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )?
+        {
+            bail!("deployment {id} is already open to unknown hosts: stop it first");
+        }
+        if members.is_empty() && !req.open {
+            bail!(match &req.group {
+                Some(g) => format!("group {g:?} has no members"),
+                None => "no registered host has a job: name hosts, or start it --open".into(),
+            });
+        }
+        if members.len() > MAX_HOSTS {
+            bail!(
+                "{} hosts: more than {MAX_HOSTS} in one deployment",
+                members.len()
+            );
+        }
+        let busy: Vec<String> = members
+            .iter()
+            .filter_map(|m| {
+                one(
+                    &tx,
+                    "SELECT deployment FROM tasks WHERE mac = ?1 AND state IN ('pending','running')",
+                    [m],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+                .flatten()
+                .map(|d| format!("{m} (deployment {d})"))
+            })
+            .collect();
+        if !busy.is_empty() {
+            bail!("already being imaged: {}", busy.join(", "));
+        }
+        let mut jobs = Vec::new();
+        let mut jobless = Vec::new();
+        for m in &members {
+            match job_of(&tx, m, self, req.image.as_deref())? {
+                Some(j) => jobs.push((m.clone(), j)),
+                None => jobless.push(m.clone()),
+            }
+        }
+        if !jobless.is_empty() {
+            bail!(
+                "no job for {}: give the host or its group a job, or start with an image",
+                jobless.join(", ")
+            );
+        }
+        let mut missing: Vec<&str> = jobs
+            .iter()
+            .map(|(_, j)| j.image.as_str())
+            .filter(|i| !has_image(i))
+            .collect();
+        missing.dedup();
+        if let Some(i) = missing.first() {
+            bail!("image {i:?} is not in the store");
+        }
+        tx.execute(
+            "INSERT INTO deployments (grp, image, expect, open, state, started) \
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5)",
+            params![
+                req.group,
+                req.image,
+                req.expect.map(|n| n as i64),
+                req.open,
+                now
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for (slot, (m, j)) in jobs.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO tasks (deployment, mac, job, state, max_attempts, slot, created) \
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
+                params![id, m, to_json(j), max_attempts, slot as i64, now],
+            )?;
+        }
+        tx.commit()?;
+        tracing::info!(
+            "deployment {id} started: {}{}{}",
+            match (&req.group, req.hosts.is_empty()) {
+                (_, false) => format!("{} listed hosts", jobs.len()),
+                (Some(g), true) => format!("group {g}, {} hosts", jobs.len()),
+                (None, true) => format!("{} hosts", jobs.len()),
+            },
+            if req.open {
+                ", open to unknown hosts"
+            } else {
+                ""
+            },
+            req.expect
+                .map_or(String::new(), |n| format!(", expecting {n}"))
+        );
+        Ok(id as u64)
+    }
+
+    /// Stops a running deployment: its open tasks are cancelled.
+    pub fn stop(&self, id: u64) -> Result<()> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        let n = tx.execute(
+            "UPDATE deployments SET state = 'stopped', ended = ?2 WHERE id = ?1 AND state = 'running'",
+            params![id as i64, now],
+        )?;
+        if n == 0 {
+            bail!("deployment {id} is not running");
+        }
+        tx.execute(
+            "UPDATE tasks SET state = 'cancelled', ended = ?2 \
+             WHERE deployment = ?1 AND state IN ('pending','running')",
+            params![id as i64, now],
+        )?;
+        tx.commit()?;
+        tracing::info!("deployment {id} stopped");
+        Ok(())
+    }
+
+    /// The running deployments, newest first.
+    pub fn running(&self) -> Result<Vec<u64>> {
+        let c = self.db.lock();
+        let mut st =
+            c.prepare("SELECT id FROM deployments WHERE state = 'running' ORDER BY id DESC")?;
+        let v = st
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v.into_iter().map(|i| i as u64).collect())
+    }
+
+    /// The running deployment open to unknown hosts.
+    pub fn running_open(&self) -> Result<Option<u64>> {
+        let c = self.db.lock();
+        Ok(one(
+            &c,
+            "SELECT id FROM deployments WHERE open = 1 AND state = 'running'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )?
+        .map(|i| i as u64))
+    }
+
+    /// The running deployment of `group`.
+    pub fn running_of(&self, group: &str) -> Result<Option<u64>> {
+        let c = self.db.lock();
+        Ok(one(
+            &c,
+            "SELECT id FROM deployments WHERE grp = ?1 AND state = 'running'",
+            [group],
+            |r| r.get::<_, i64>(0),
+        )?
+        .map(|i| i as u64))
+    }
+
+    pub fn deployment(&self, id: u64) -> Result<Option<DeploymentInfo>> {
+        let c = self.db.lock();
+        let Some(mut d) = one(
+            &c,
+            &format!("{DEPLOYMENT_COLS} WHERE id = ?1"),
+            [id as i64],
+            deployment_row,
+        )?
+        else {
+            return Ok(None);
+        };
+        d.tasks = counts(&c, id)?;
+        Ok(Some(d))
+    }
+
+    /// Deployments, newest first: the history.
+    pub fn deployments(&self, limit: usize, before: Option<u64>) -> Result<Vec<DeploymentInfo>> {
+        let c = self.db.lock();
+        let mut st = c.prepare(&format!(
+            "{DEPLOYMENT_COLS} WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let mut v = st
+            .query_map(
+                params![before.map_or(i64::MAX, |b| b as i64), limit as i64],
+                deployment_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for d in &mut v {
+            d.tasks = counts(&c, d.id)?;
+        }
+        Ok(v)
+    }
+
+    /// The tasks of a deployment, by slot, `offset`/`limit` paged.
+    pub fn tasks(&self, deployment: u64, offset: usize, limit: usize) -> Result<Vec<TaskInfo>> {
+        let c = self.db.lock();
+        let mut st = c.prepare(&format!(
+            "{TASK_COLS} WHERE t.deployment = ?1 ORDER BY t.slot LIMIT ?2 OFFSET ?3"
+        ))?;
+        let v = st
+            .query_map(
+                params![deployment as i64, limit as i64, offset as i64],
+                task_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v)
+    }
+
+    pub fn hosts(&self) -> Result<Vec<HostInfo>> {
+        let c = self.db.lock();
+        let mut st = c.prepare(
+            "SELECT mac, name, grp, registered, job, exit, last_seen FROM hosts ORDER BY mac",
+        )?;
+        let mut v = st
+            .query_map([], |r| {
+                Ok(HostInfo {
+                    mac: r.get("mac")?,
+                    name: r.get("name")?,
+                    group: r.get("grp")?,
+                    registered: r.get("registered")?,
+                    job: json_col(r, "job")?,
+                    exit: json_col(r, "exit")?,
+                    last_seen_ms: r.get("last_seen")?,
+                    task: None,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut latest = c.prepare(&format!(
+            "{TASK_COLS} WHERE t.mac = ?1 ORDER BY t.id DESC LIMIT 1"
+        ))?;
+        for h in &mut v {
+            h.task = latest.query_row([&h.mac], task_row).ok();
+        }
+        Ok(v)
+    }
+
+    pub fn update_host(
+        &self,
+        mac: &str,
+        u: &HostUpdate,
+        has_image: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let mac = normalize_mac(mac)?;
+        if let Some(j) = &u.job
+            && !has_image(&j.image)
+        {
+            bail!("image {:?} is not in the store", j.image);
+        }
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        upsert_host(&tx, &mac, now_ms())?;
+        if let Some(g) = &u.group
+            && count(&tx, "SELECT count(*) FROM groups WHERE name = ?1", [g])? == 0
+        {
+            bail!("no group {g:?}");
+        }
+        // The admin naming a MAC knows it.
+        tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&mac])?;
+        for (col, v) in [
+            ("name", u.name.clone()),
+            ("grp", u.group.clone()),
+            ("job", u.job.as_ref().map(to_json)),
+            ("exit", u.exit.as_ref().map(to_json)),
+        ] {
+            if let Some(v) = v {
+                tx.execute(
+                    &format!("UPDATE hosts SET {col} = ?2 WHERE mac = ?1"),
+                    params![mac, v],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn groups(&self) -> Result<Vec<GroupInfo>> {
+        let c = self.db.lock();
+        let mut st = c.prepare("SELECT name, job, exit, wake FROM groups ORDER BY name")?;
+        let mut v = st
+            .query_map([], |r| {
+                Ok(GroupInfo {
+                    name: r.get("name")?,
+                    job: json_col(r, "job")?,
+                    exit: json_col(r, "exit")?,
+                    wake: r
+                        .get::<_, Option<String>>("wake")?
+                        .and_then(|w| w.parse().ok()),
+                    members: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for g in &mut v {
+            g.members = strings(
+                &c,
+                "SELECT mac FROM hosts WHERE grp = ?1 AND registered = 1 ORDER BY mac",
+                [&g.name],
+            )?;
+        }
+        Ok(v)
+    }
+
+    pub fn put_group(&self, g: &GroupInfo, has_image: impl Fn(&str) -> bool) -> Result<()> {
+        if g.name.is_empty() || g.name.len() > 64 {
+            bail!("a group's name is 1 to 64 characters");
+        }
+        if let Some(j) = &g.job
+            && !has_image(&j.image)
+        {
+            bail!("image {:?} is not in the store", j.image);
+        }
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO groups (name, job, exit, wake) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (name) DO UPDATE SET job = ?2, exit = ?3, wake = ?4",
+            params![
+                g.name,
+                g.job.as_ref().map(to_json),
+                g.exit.as_ref().map(to_json),
+                g.wake.map(|w| w.to_string())
+            ],
+        )?;
+        let now = now_ms();
+        for m in &g.members {
+            let m = normalize_mac(m)?;
+            upsert_host(&tx, &m, now)?;
+            tx.execute(
+                "UPDATE hosts SET grp = ?2, registered = 1 WHERE mac = ?1",
+                params![m, g.name],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The last log lines of `mac`'s latest task (or of one deployment's).
+    pub fn log(&self, mac: &str, deployment: Option<u64>) -> Result<(Option<u64>, Vec<LogLine>)> {
+        let mac = normalize_mac(mac)?;
+        let c = self.db.lock();
+        let Some((task, dep)) = one(
+            &c,
+            "SELECT id, deployment FROM tasks WHERE mac = ?1 AND (?2 IS NULL OR deployment = ?2) \
+             ORDER BY id DESC LIMIT 1",
+            params![mac, deployment.map(|d| d as i64)],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )?
+        else {
+            return Ok((None, Vec::new()));
+        };
+        let mut st = c.prepare("SELECT at, line FROM task_log WHERE task = ?1 ORDER BY id")?;
+        let lines = st
+            .query_map([task], |r| {
+                Ok(LogLine {
+                    at_ms: r.get(0)?,
+                    line: r.get(1)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok((Some(dep as u64), lines))
+    }
+
+    /// MACs of a group's members and where their magic packets go.
+    pub fn wake_targets(
+        &self,
+        group: Option<&str>,
+        hosts: &[String],
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let c = self.db.lock();
+        let sql = "SELECT h.mac, g.wake FROM hosts h LEFT JOIN groups g ON g.name = h.grp \
+                   WHERE h.registered = 1 AND (?1 IS NULL OR h.grp = ?1) ORDER BY h.mac";
+        let mut st = c.prepare(sql)?;
+        let v = st
+            .query_map(params![group], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<(String, Option<String>)>>>()?;
+        Ok(if hosts.is_empty() {
+            v
+        } else {
+            v.into_iter().filter(|(m, _)| hosts.contains(m)).collect()
+        })
+    }
+
+    /// Stores a schedule for `group`; `spec` is its stored form.
+    pub fn add_schedule(&self, req: &StartRequest, spec: &str) -> Result<u64> {
+        let Some(g) = &req.group else {
+            bail!("a schedule starts a group: give --group");
+        };
+        if !req.hosts.is_empty() || req.open {
+            bail!("a schedule starts a group, without listed hosts or --open");
+        }
+        let c = self.db.lock();
+        if count(&c, "SELECT count(*) FROM groups WHERE name = ?1", [g])? == 0 {
+            bail!("no group {g:?}");
+        }
+        if count(&c, "SELECT count(*) FROM schedules WHERE enabled = 1", [])? >= 1000 {
+            bail!("1000 schedules already: remove some first");
+        }
+        c.execute(
+            "INSERT INTO schedules (grp, image, spec, wake, expect, created) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                g,
+                req.image,
+                spec,
+                req.wake,
+                req.expect.map(|n| n as i64),
+                now_ms()
+            ],
+        )?;
+        Ok(c.last_insert_rowid() as u64)
+    }
+
+    /// The schedules still enabled, with the last fire dealt with.
+    pub fn schedules(&self) -> Result<Vec<StoredSchedule>> {
+        let c = self.db.lock();
+        let mut st = c.prepare(
+            "SELECT id, grp, image, spec, wake, expect, last_fired, enabled FROM schedules \
+             WHERE enabled = 1 ORDER BY id",
+        )?;
+        let v = st
+            .query_map([], |r| {
+                Ok(StoredSchedule {
+                    id: r.get::<_, i64>(0)? as u64,
+                    request: StartRequest {
+                        group: Some(r.get(1)?),
+                        image: r.get(2)?,
+                        wake: r.get(4)?,
+                        expect: r.get::<_, Option<i64>>(5)?.map(|n| n as usize),
+                        ..Default::default()
+                    },
+                    spec: r.get(3)?,
+                    handled_ms: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v)
+    }
+
+    /// Records that a schedule's fire at `at_ms` was dealt with.
+    pub fn schedule_handled(&self, id: u64, at_ms: i64) -> Result<()> {
+        self.db.lock().execute(
+            "UPDATE schedules SET last_fired = ?2 WHERE id = ?1",
+            params![id as i64, at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Ends a schedule (it will not fire again; it stays in the history).
+    pub fn end_schedule(&self, id: u64) -> Result<()> {
+        let n = self.db.lock().execute(
+            "UPDATE schedules SET enabled = 0 WHERE id = ?1 AND enabled = 1",
+            [id as i64],
+        )?;
+        if n == 0 {
+            bail!("no schedule {id}");
+        }
+        Ok(())
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// A schedule as stored: what it starts, when, and the last fire handled.
+#[derive(Debug, Clone)]
+pub struct StoredSchedule {
+    pub id: u64,
+    pub request: StartRequest,
+    pub spec: String,
+    pub handled_ms: Option<i64>,
+}
+
+/// Records that `mac` was seen; true if it was known.
+fn upsert_host(tx: &Connection, mac: &str, now: i64) -> Result<bool> {
+    let n = tx.execute(
+        "UPDATE hosts SET last_seen = ?2 WHERE mac = ?1",
+        params![mac, now],
+    )?;
+    if n == 0 {
+        tx.execute(
+            "INSERT INTO hosts (mac, registered, first_seen, last_seen) VALUES (?1, 0, ?2, ?2)",
+            params![mac, now],
+        )?;
+    }
+    Ok(n > 0)
+}
+
+/// Keeps unregistered hosts (a hostile LAN can make up MACs) bounded.
+fn evict_unregistered(tx: &Tx) -> Result<()> {
+    let n = count(tx, "SELECT count(*) FROM hosts WHERE registered = 0", [])?;
+    if n > MAX_UNREGISTERED {
+        tx.execute(
+            "DELETE FROM hosts WHERE mac IN (SELECT mac FROM hosts h WHERE registered = 0 \
+             AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.mac = h.mac) \
+             ORDER BY last_seen LIMIT ?1)",
+            [n - MAX_UNREGISTERED],
+        )?;
+    }
+    Ok(())
+}
+
+struct OpenTask {
+    id: i64,
+    deployment: u64,
+    state: TaskState,
+    slot: u32,
+    job: Job,
+    disk: Option<DiskIdentity>,
+}
+
+/// `mac`'s open task in a running deployment, made now if an open
+/// deployment takes the host; else why not.
+fn open_task(
+    tx: &Tx,
+    mac: &str,
+    rooms: &Rooms,
+    may_join: &mut dyn FnMut(u64) -> bool,
+) -> Result<Result<OpenTask, String>> {
+    let row = |r: &rusqlite::Row| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, u32>(3)?,
+            json_col::<Job>(r, "job")?,
+            json_col::<DiskIdentity>(r, "disk")?,
+        ))
+    };
+    let sql = "SELECT t.id, t.deployment, t.state, t.slot, t.job, t.disk FROM tasks t \
+               JOIN deployments d ON d.id = t.deployment \
+               WHERE t.mac = ?1 AND t.state IN ('pending','running') AND d.state = 'running' \
+               ORDER BY t.id DESC LIMIT 1";
+    if let Some((id, dep, state, slot, job, disk)) = one(tx, sql, [mac], row)? {
+        return Ok(Ok(OpenTask {
+            id,
+            deployment: dep as u64,
+            state: TaskState::parse(&state).context("a task's state")?,
+            slot,
+            job: job.context("a task without its job")?,
+            disk,
+        }));
+    }
+    let (registered, group) = one(
+        tx,
+        "SELECT registered, grp FROM hosts WHERE mac = ?1",
+        [mac],
+        |r| Ok((r.get::<_, bool>(0)?, r.get::<_, Option<String>>(1)?)),
+    )?
+    .unwrap_or((false, None));
+    // An open deployment: with no group any host without a task in it
+    // joins; with a group, hosts never approved join that group.
+    if let Some((dep, dgroup, image)) = one(
+        tx,
+        "SELECT id, grp, image FROM deployments WHERE open = 1 AND state = 'running'",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        },
+    )? && (dgroup.is_none() || !registered)
+        && count(
+            tx,
+            "SELECT count(*) FROM tasks WHERE deployment = ?1 AND mac = ?2",
+            params![dep, mac],
+        )? == 0
+    {
+        let n = count(
+            tx,
+            "SELECT count(*) FROM tasks WHERE deployment = ?1",
+            [dep],
+        )?;
+        if n >= MAX_HOSTS as i64 {
+            return Ok(Err(format!("deployment {dep} is full ({MAX_HOSTS} hosts)")));
+        }
+        if !may_join(dep as u64) {
+            return Ok(Err(format!(
+                "deployment {dep} is full for this address: too many hosts joined from it"
+            )));
+        }
+        // Joining is the admin's choice: the host is known from now on.
+        tx.execute(
+            "UPDATE hosts SET grp = coalesce(?2, grp), registered = 1 WHERE mac = ?1",
+            params![mac, dgroup],
+        )?;
+        if let Some(job) = job_of(tx, mac, rooms, image.as_deref())? {
+            tx.execute(
+                "INSERT INTO tasks (deployment, mac, job, state, max_attempts, slot, created) \
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
+                params![dep, mac, to_json(&job), DEFAULT_ATTEMPTS, n, now_ms()],
+            )?;
+            tracing::info!("{mac} joined open deployment {dep}");
+            return Ok(Ok(OpenTask {
+                id: tx.last_insert_rowid(),
+                deployment: dep as u64,
+                state: TaskState::Pending,
+                slot: n as u32,
+                job,
+                disk: None,
+            }));
+        }
+    }
+    // Why not: the latest task says, else the host's standing.
+    let last = one(
+        tx,
+        "SELECT deployment, state, attempts, error FROM tasks WHERE mac = ?1 ORDER BY id DESC LIMIT 1",
+        [mac],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        },
+    )?;
+    Ok(Err(match (last, registered) {
+        (_, false) => {
+            format!("{mac} is not registered: approve it, or open a deployment to unknown hosts")
+        }
+        (Some((d, s, _, _)), _) if s == "done" => {
+            format!("{mac} was imaged by deployment {d}; re-image it to write it again")
+        }
+        (Some((d, s, a, e)), _) if s == "failed" => format!(
+            "{mac} failed {a} times in deployment {d} ({}); re-image it to try again",
+            e.as_deref().unwrap_or("no error reported")
+        ),
+        _ => match group {
+            Some(g) => format!("no deployment of group {g} is running"),
+            None => format!("no deployment for {mac} is running"),
+        },
+    }))
+}
+
+/// The job a host gets: its own, else its group's, else the default; with
+/// `image`, that image instead of the job's.
+fn job_of(tx: &Connection, mac: &str, rooms: &Rooms, image: Option<&str>) -> Result<Option<Job>> {
+    let own = one(
+        tx,
+        "SELECT h.job AS job, g.job AS gjob FROM hosts h LEFT JOIN groups g ON g.name = h.grp \
+         WHERE h.mac = ?1",
+        [mac],
+        |r| Ok((json_col::<Job>(r, "job")?, json_col::<Job>(r, "gjob")?)),
+    )?;
+    let job = own
+        .and_then(|(h, g)| h.or(g))
+        .or_else(|| rooms.default_job.clone());
+    Ok(match (job, image) {
+        (Some(j), Some(i)) => Some(Job {
+            image: i.to_string(),
+            ..j
+        }),
+        (None, Some(i)) => Some(Job::for_image(i)),
+        (j, None) => j,
+    })
+}
+
+fn exit_for(tx: &Connection, mac: &str) -> Result<Option<ExitType>> {
+    Ok(one(
+        tx,
+        "SELECT h.exit AS exit, g.exit AS gexit FROM hosts h LEFT JOIN groups g ON g.name = h.grp \
+         WHERE h.mac = ?1",
+        [mac],
+        |r| Ok(json_col::<ExitType>(r, "exit")?.or(json_col::<ExitType>(r, "gexit")?)),
+    )?
+    .flatten())
+}
+
+fn append_log(tx: &Tx, task: i64, now: i64, lines: &[String]) -> Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    for l in lines {
+        tx.execute(
+            "INSERT INTO task_log (task, at, line) VALUES (?1, ?2, ?3)",
+            params![task, now, l],
+        )?;
+    }
+    tx.execute(
+        "DELETE FROM task_log WHERE task = ?1 AND id <= \
+         (SELECT id FROM task_log WHERE task = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        params![task, LOG_LINES_KEPT],
+    )?;
+    Ok(())
+}
+
+/// Marks a running deployment done once no task is open, or once
+/// `expect` hosts are done.
+fn settle(tx: &Tx, deployment: u64, now: i64) -> Result<()> {
+    let c = counts(tx, deployment)?;
+    let expect = one(
+        tx,
+        "SELECT expect FROM deployments WHERE id = ?1 AND state = 'running'",
+        [deployment as i64],
+        |r| r.get::<_, Option<i64>>(0),
+    )?;
+    let Some(expect) = expect else { return Ok(()) };
+    let open = c.pending + c.running;
+    let done = match expect {
+        Some(n) if n > 0 => c.done >= n as usize || (open == 0 && c.total() >= n as usize),
+        _ => open == 0 && c.total() > 0,
+    };
+    if done {
+        tx.execute(
+            "UPDATE deployments SET state = 'done', ended = ?2 WHERE id = ?1",
+            params![deployment as i64, now],
+        )?;
+        tracing::info!(
+            "deployment {deployment} done: {} hosts imaged, {} failed",
+            c.done,
+            c.failed
+        );
+    }
+    Ok(())
+}
+
+fn counts(c: &Connection, deployment: u64) -> Result<TaskCounts> {
+    let mut st =
+        c.prepare("SELECT state, count(*) FROM tasks WHERE deployment = ?1 GROUP BY state")?;
+    let mut out = TaskCounts::default();
+    for r in st.query_map([deployment as i64], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })? {
+        let (s, n) = r?;
+        if let Some(s) = TaskState::parse(&s) {
+            out.add(s, n as usize);
+        }
+    }
+    Ok(out)
+}
+
+fn strings(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Vec<String>> {
+    let mut st = c.prepare(sql)?;
+    let v = st
+        .query_map(p, |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+const DEPLOYMENT_COLS: &str =
+    "SELECT id, grp, image, expect, open, state, started, ended FROM deployments";
+
+fn deployment_row(r: &db::Row) -> rusqlite::Result<DeploymentInfo> {
+    Ok(DeploymentInfo {
+        id: r.get::<_, i64>("id")? as u64,
+        group: r.get("grp")?,
+        image: r.get("image")?,
+        expect: r.get::<_, Option<i64>>("expect")?.map(|n| n as usize),
+        open: r.get("open")?,
+        state: DeploymentState::parse(&r.get::<_, String>("state")?)
+            .unwrap_or(DeploymentState::Stopped),
+        started_ms: r.get("started")?,
+        ended_ms: r.get("ended")?,
+        tasks: TaskCounts::default(),
+    })
+}
+
+const TASK_COLS: &str = "SELECT t.deployment, t.mac, h.name, t.state, t.agent_state, t.job, \
+    t.attempts, t.max_attempts, t.created, t.started, t.ended, t.done_bytes, t.total_bytes, \
+    t.origin_bytes, t.uploaded_bytes, t.error, t.disk, t.verify \
+    FROM tasks t LEFT JOIN hosts h ON h.mac = t.mac";
+
+fn task_row(r: &db::Row) -> rusqlite::Result<TaskInfo> {
+    let job: Option<Job> = json_col(r, "job")?;
+    Ok(TaskInfo {
+        deployment: r.get::<_, i64>("deployment")? as u64,
+        mac: r.get("mac")?,
+        name: r.get("name")?,
+        task: TaskState::parse(&r.get::<_, String>("state")?).unwrap_or(TaskState::Cancelled),
+        state: json_col(r, "agent_state")?,
+        verify: r.get::<_, Option<String>>("verify")?.or_else(|| {
+            job.as_ref()
+                .and_then(|j| serde_json::to_value(j.verify).ok())
+                .and_then(|v| v.as_str().map(String::from))
+        }),
+        image: job.map(|j| j.image).unwrap_or_default(),
+        attempts: r.get("attempts")?,
+        max_attempts: r.get("max_attempts")?,
+        created_ms: r.get("created")?,
+        started_ms: r.get("started")?,
+        ended_ms: r.get("ended")?,
+        done_bytes: r.get::<_, i64>("done_bytes")? as u64,
+        total_bytes: r.get::<_, i64>("total_bytes")? as u64,
+        origin_bytes: r.get::<_, i64>("origin_bytes")? as u64,
+        uploaded_bytes: r.get::<_, i64>("uploaded_bytes")? as u64,
+        down_bps: 0.0,
+        up_bps: 0.0,
+        peers: 0,
+        error: r.get("error")?,
+        disk: json_col(r, "disk")?,
+        seen_s_ago: None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

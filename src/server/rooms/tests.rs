@@ -1,0 +1,292 @@
+use super::*;
+
+const ROOM: &str = "
+[[group]]
+name = \"room-1\"
+members = [\"52:54:00:00:01:01\", \"52:54:00:00:01:02\"]
+exit = \"exit\"
+[group.job]
+image = \"win\"
+
+[[group]]
+name = \"room-2\"
+members = [\"52:54:00:00:02:01\"]
+[group.job]
+image = \"linux\"
+
+[default_job]
+image = \"win\"
+";
+
+const A: &str = "52:54:00:00:01:01";
+const B: &str = "52:54:00:00:01:02";
+const C: &str = "52:54:00:00:02:01";
+const STRANGER: &str = "52:54:00:00:99:99";
+
+fn rooms(extra: &str) -> Rooms {
+    let cfg = ServerConfig::parse(&format!("{ROOM}{extra}")).unwrap();
+    Rooms::with(Db::memory().unwrap(), &cfg).unwrap()
+}
+
+fn images(i: &str) -> bool {
+    matches!(i, "win" | "linux")
+}
+
+fn start(r: &Rooms, group: &str) -> u64 {
+    r.start(
+        &StartRequest {
+            group: Some(group.into()),
+            ..Default::default()
+        },
+        images,
+    )
+    .unwrap()
+}
+
+fn report(r: &Rooms, deployment: u64, mac: &str, state: AgentState) -> Outcome {
+    r.update(&Update {
+        deployment,
+        mac,
+        state,
+        progress: &Progress::default(),
+        error: (state == AgentState::Failed).then_some("disk on fire"),
+        disk: None,
+        log: &[],
+    })
+    .unwrap()
+    .expect("a task")
+}
+
+fn no_task(r: &Rooms, mac: &str) -> String {
+    match r.claim(mac, &mut |_| true) {
+        Err(ClaimError::NoTask(why)) => why,
+        other => panic!("{mac} got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unknown_pc_is_registered_and_boots_its_disk_even_with_a_default_job() {
+    let r = rooms("");
+    let id = start(&r, "room-1");
+    assert_eq!(
+        r.boot(STRANGER, &mut |_| true).unwrap(),
+        Boot::Local {
+            exit: ExitType::Auto,
+            why: format!(
+                "{STRANGER} is not registered: approve it, or open a deployment to unknown hosts"
+            )
+        }
+    );
+    assert!(no_task(&r, STRANGER).contains("not registered"));
+    let h = r.hosts().unwrap();
+    let s = h.iter().find(|h| h.mac == STRANGER).unwrap();
+    assert!(!s.registered && s.task.is_none());
+    // The room's own PCs get the agent.
+    assert_eq!(
+        r.boot(A, &mut |_| true).unwrap(),
+        Boot::Agent { deployment: id }
+    );
+}
+
+#[test]
+fn a_finished_pc_is_not_imaged_again_until_asked() {
+    let r = rooms("");
+    let id = start(&r, "room-1");
+    let c = r.claim(A, &mut |_| true).unwrap();
+    assert_eq!((c.deployment, c.job.image.as_str()), (id, "win"));
+    let o = report(&r, id, A, AgentState::Seeding);
+    assert!(o.ended && !o.deployment_done);
+    // It reboots into the network: its disk, as its group says.
+    assert!(matches!(
+        r.boot(A, &mut |_| true).unwrap(),
+        Boot::Local {
+            exit: ExitType::Exit,
+            ..
+        }
+    ));
+    assert!(no_task(&r, A).contains(&format!("was imaged by deployment {id}")));
+    // Asked again, it is imaged again, in a new deployment.
+    let again = r
+        .start(
+            &StartRequest {
+                hosts: vec![A.into()],
+                ..Default::default()
+            },
+            images,
+        )
+        .unwrap();
+    assert!(again > id);
+    assert_eq!(
+        r.boot(A, &mut |_| true).unwrap(),
+        Boot::Agent { deployment: again }
+    );
+}
+
+#[test]
+fn failures_are_retried_up_to_the_limit_then_the_task_fails() {
+    let r = rooms("");
+    let id = r
+        .start(
+            &StartRequest {
+                group: Some("room-2".into()),
+                max_attempts: Some(2),
+                ..Default::default()
+            },
+            images,
+        )
+        .unwrap();
+    for attempt in 1..=2 {
+        r.claim(C, &mut |_| true).unwrap();
+        let o = report(&r, id, C, AgentState::Failed);
+        assert_eq!(o.ended, attempt == 2);
+    }
+    let why = no_task(&r, C);
+    assert!(
+        why.contains("failed 2 times") && why.contains("disk on fire"),
+        "{why}"
+    );
+    // The only task ended: the deployment is over.
+    let d = r.deployment(id).unwrap().unwrap();
+    assert_eq!((d.state, d.tasks.failed), (DeploymentState::Done, 1));
+}
+
+#[test]
+fn two_rooms_deploy_two_images_at_once() {
+    let r = rooms("");
+    let one = start(&r, "room-1");
+    let two = start(&r, "room-2");
+    assert_ne!(one, two);
+    assert_eq!(r.claim(A, &mut |_| true).unwrap().job.image, "win");
+    assert_eq!(r.claim(C, &mut |_| true).unwrap().job.image, "linux");
+    let e = r
+        .start(
+            &StartRequest {
+                group: Some("room-1".into()),
+                ..Default::default()
+            },
+            images,
+        )
+        .unwrap_err();
+    assert!(format!("{e}").contains("already being deployed"), "{e}");
+    assert!(report(&r, two, C, AgentState::Done).deployment_done);
+    assert_eq!(
+        r.deployment(one).unwrap().unwrap().state,
+        DeploymentState::Running
+    );
+    // A report for another deployment's task is no task of this host.
+    assert!(
+        r.update(&Update {
+            deployment: one,
+            mac: C,
+            state: AgentState::Done,
+            progress: &Progress::default(),
+            error: None,
+            disk: None,
+            log: &[],
+        })
+        .unwrap()
+        .is_none()
+    );
+}
+
+#[test]
+fn an_open_deployment_takes_unknown_pcs_into_its_group() {
+    let r = rooms("");
+    let id = r
+        .start(
+            &StartRequest {
+                group: Some("room-2".into()),
+                open: true,
+                ..Default::default()
+            },
+            images,
+        )
+        .unwrap();
+    assert_eq!(
+        r.boot(STRANGER, &mut |_| true).unwrap(),
+        Boot::Agent { deployment: id }
+    );
+    assert_eq!(r.claim(STRANGER, &mut |_| true).unwrap().job.image, "linux");
+    let g = r.groups().unwrap();
+    assert!(g[1].members.contains(&STRANGER.to_string()));
+    // A registered PC of another room does not join.
+    assert!(matches!(
+        r.boot(A, &mut |_| true).unwrap(),
+        Boot::Local { .. }
+    ));
+}
+
+#[test]
+fn everything_survives_a_restart() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig::parse(ROOM).unwrap();
+    let id = {
+        let r = Rooms::with(Db::open(t.path()).unwrap(), &cfg).unwrap();
+        let id = start(&r, "room-1");
+        r.claim(A, &mut |_| true).unwrap();
+        r.claim(B, &mut |_| true).unwrap();
+        report(&r, id, A, AgentState::Done);
+        r.update_host(
+            STRANGER,
+            &HostUpdate {
+                name: Some("spare".into()),
+                ..Default::default()
+            },
+            images,
+        )
+        .unwrap();
+        id
+    };
+    let r = Rooms::with(Db::open(t.path()).unwrap(), &cfg).unwrap();
+    assert_eq!(r.running().unwrap(), vec![id]);
+    assert!(no_task(&r, A).contains("was imaged"));
+    assert_eq!(r.claim(B, &mut |_| true).unwrap().deployment, id);
+    assert!(report(&r, id, B, AgentState::Done).deployment_done);
+    let spare = r
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.mac == STRANGER)
+        .unwrap();
+    assert_eq!(spare.name.as_deref(), Some("spare"));
+    assert_eq!(start(&r, "room-2"), id + 1);
+}
+
+#[test]
+fn a_pcs_log_is_kept_bounded() {
+    let r = rooms("");
+    let id = start(&r, "room-2");
+    r.claim(C, &mut |_| true).unwrap();
+    for batch in 0..10 {
+        let lines: Vec<String> = (0..60).map(|i| format!("line {batch}/{i}")).collect();
+        r.update(&Update {
+            deployment: id,
+            mac: C,
+            state: AgentState::Downloading,
+            progress: &Progress::default(),
+            error: None,
+            disk: None,
+            log: &lines,
+        })
+        .unwrap();
+    }
+    let (d, lines) = r.log(C, None).unwrap();
+    assert_eq!(d, Some(id));
+    assert_eq!(lines.len(), LOG_LINES_KEPT as usize);
+    assert_eq!(lines.last().unwrap().line, "line 9/59");
+}
+
+#[test]
+fn made_up_macs_cannot_grow_the_database_without_bound() {
+    let r = rooms("");
+    for i in 0..(MAX_UNREGISTERED + 100) {
+        let b = (i as u32).to_be_bytes();
+        let mac = format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+        assert!(matches!(
+            r.boot(&mac, &mut |_| true).unwrap(),
+            Boot::Local { .. }
+        ));
+    }
+    let unknown = r.hosts().unwrap().iter().filter(|h| !h.registered).count();
+    assert_eq!(unknown as i64, MAX_UNREGISTERED);
+}
