@@ -14,6 +14,7 @@ pub mod config;
 pub mod dashboard;
 pub mod http;
 pub mod metrics;
+pub mod schedule;
 pub mod seed;
 pub mod state;
 pub mod store;
