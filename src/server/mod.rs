@@ -16,6 +16,7 @@ pub mod db;
 pub mod http;
 pub mod metrics;
 pub mod rooms;
+pub mod schedule;
 pub mod seed;
 pub mod state;
 pub mod store;
