@@ -43,9 +43,17 @@ pub struct ServerConfig {
     pub seed: bool,
     /// Cap on the seeds' total upload, bytes per second ("100M"); none by default.
     pub seed_upload_limit: Option<crate::protocol::Size>,
-    /// Where Wake-on-LAN magic packets go.
+    /// Where Wake-on-LAN magic packets go for hosts whose group names no
+    /// subnet broadcast of its own.
     #[serde(default = "default_wol")]
     pub wol_broadcast: SocketAddr,
+    /// Magic packets per second at most (all subnets together): a room
+    /// powering on at once can trip a breaker.
+    #[serde(default = "default_wol_rate")]
+    pub wol_rate: u32,
+    /// Packets per host (Wake-on-LAN is lossy), a second apart.
+    #[serde(default = "default_wol_repeat")]
+    pub wol_repeat: u32,
     /// Images seeded straight from a raw device instead of a store file.
     #[serde(default, rename = "device_image")]
     pub device_images: Vec<DeviceImage>,
@@ -134,6 +142,12 @@ fn default_max_connections() -> usize {
 fn default_max_connections_per_ip() -> usize {
     64
 }
+fn default_wol_rate() -> u32 {
+    20
+}
+fn default_wol_repeat() -> u32 {
+    3
+}
 fn default_wol() -> SocketAddr {
     "255.255.255.255:9".parse().expect("valid")
 }
@@ -194,6 +208,13 @@ impl ServerConfig {
         if c.max_connections == 0 || c.max_connections_per_ip == 0 {
             bail!("max_connections, max_connections_per_ip: must be at least 1");
         }
+        super::wol::Pace {
+            rate: c.wol_rate,
+            repeat: c.wol_repeat,
+            ..Default::default()
+        }
+        .check()
+        .context("wol_rate, wol_repeat")?;
         if c.announce_interval == 0 {
             bail!("announce_interval: must be at least 1 second");
         }

@@ -76,6 +76,7 @@ pub async fn serve(
         state.start_open((n > 0).then_some(n)).await?;
     }
     let scanner = tokio::spawn(scan_loop(state.clone()));
+    let scheduler = tokio::spawn(schedule_loop(state.clone()));
     let limits = http::Limits {
         total: state.config.max_connections,
         per_ip: state.config.max_connections_per_ip,
@@ -89,8 +90,18 @@ pub async fn serve(
     )
     .await;
     scanner.abort();
+    scheduler.abort();
     state.seeds.stop().await;
     Ok(())
+}
+
+/// Starts scheduled deployments. Every second: a wake-up at 02:00 should
+/// not wait, and a wall clock that jumps is seen at once.
+async fn schedule_loop(state: Arc<ServerState>) {
+    loop {
+        state.run_schedules().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Keeps the images in line with the store, the tracker with the images,

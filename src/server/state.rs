@@ -14,17 +14,21 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::sync::RwLock;
 
-use super::config::{ServerConfig, normalize_mac};
+use super::config::{ServerConfig, mac_bytes, normalize_mac};
+use super::schedule::{Due, Schedule};
+use super::wol;
 use super::metrics::Counters;
 use super::rooms::{Boot, ClaimError, Rooms, Update};
 use super::store::{SeedState, StoredImage};
 use super::token::HostKeys;
 use super::tracker::Tracker;
-use crate::protocol::admin::{DeploymentInfo, StartRequest, StartResponse, TaskCounts, TaskInfo};
+use crate::protocol::admin::{
+    DeploymentInfo, ScheduleInfo, StartRequest, StartResponse, TaskCounts, TaskInfo,
+};
 use crate::protocol::{AgentState, JobResponse, StatusAck, StatusReport};
 use crate::swarm::SwarmSession;
 use crate::swarm::Trust;
@@ -315,25 +319,179 @@ impl ServerState {
             .retain(|_, h| now.duration_since(h.seen) < HOST_TTL);
     }
 
-    /// Starts a deployment now (and wakes its hosts if asked); with `at`, stores a schedule.
+    /// Starts a deployment now (and wakes its hosts if asked); with `at`,
+    /// stores a schedule instead.
     pub async fn start(&self, req: &StartRequest) -> Result<StartResponse> {
-        if req.at.is_some() || req.every.is_some() {
-            bail!("schedules: not yet");
+        if let Some(at) = &req.at {
+            let sched = Schedule::parse_now(at, req.every.as_deref())
+                .with_context(|| format!("--at {at:?}{}", req.every.as_ref().map_or(String::new(), |e| format!(" --every {e:?}"))))?;
+            let id = self.rooms.add_schedule(req, &sched.to_string())?;
+            let next = sched.next_fire(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1));
+            tracing::info!(
+                "schedule {id}: group {} at {sched}",
+                req.group.as_deref().unwrap_or("")
+            );
+            return Ok(StartResponse {
+                deployment: None,
+                schedule: Some(id),
+                next: next.map(|t| t.to_string()),
+                woken: 0,
+            });
+        }
+        if req.every.is_some() {
+            bail!("--every needs --at: the time of day it starts");
         }
         let images = self.servable().await;
         let id = self.rooms.start(req, |i| images.contains(i))?;
-        let mut woken = 0;
-        if req.wake {
-            let targets = self.rooms.wake_targets(req.group.as_deref(), &req.hosts)?;
-            let macs: Vec<&str> = targets.iter().map(|(m, _)| m.as_str()).collect();
-            woken = super::wol::wake(&macs, self.config.wol_broadcast)?;
-        }
+        let woken = if req.wake {
+            self.wake(req.group.as_deref(), &req.hosts)?
+        } else {
+            0
+        };
         Ok(StartResponse {
             deployment: Some(id),
             schedule: None,
             next: None,
             woken,
         })
+    }
+
+    /// Sends Wake-on-LAN to a group's (or the listed) hosts, each to its
+    /// group's subnet broadcast, paced, in the background; returns how many
+    /// hosts.
+    pub fn wake(&self, group: Option<&str>, hosts: &[String]) -> Result<usize> {
+        let targets: Vec<wol::Target> = self
+            .rooms
+            .wake_targets(group, hosts)?
+            .into_iter()
+            .filter_map(|(mac, to)| {
+                Some(wol::Target {
+                    mac: mac_bytes(&mac).ok()?,
+                    to: to
+                        .and_then(|w| w.parse().ok())
+                        .unwrap_or(self.config.wol_broadcast),
+                })
+            })
+            .collect();
+        let n = targets.len();
+        let pace = wol::Pace {
+            rate: self.config.wol_rate,
+            repeat: self.config.wol_repeat,
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            match wol::wake_staggered(&targets, pace, std::future::pending()).await {
+                Ok(r) => {
+                    for d in &r.destinations {
+                        tracing::info!("Wake-on-LAN: {} packets to {}", d.sent, d.to);
+                        if let Some(f) = d.failures.first() {
+                            tracing::warn!(
+                                "Wake-on-LAN to {}: {} packets failed, e.g. for {}: {}",
+                                d.to,
+                                d.failures.len(),
+                                f.mac,
+                                f.error
+                            );
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("Wake-on-LAN: {e:#}"),
+            }
+        });
+        Ok(n)
+    }
+
+    /// Starts what the schedules say is due; called every few seconds.
+    pub async fn run_schedules(&self) {
+        let schedules = match self.rooms.schedules() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("reading the schedules: {e:#}");
+                return;
+            }
+        };
+        let now = jiff::Timestamp::now();
+        for s in schedules {
+            let sched: Schedule = match s.spec.parse() {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!("schedule {}: {e:#}; it is ended", s.id);
+                    let _ = self.rooms.end_schedule(s.id);
+                    continue;
+                }
+            };
+            let handled = s
+                .handled_ms
+                .and_then(|m| jiff::Timestamp::from_millisecond(m).ok());
+            let group = s.request.group.as_deref().unwrap_or("");
+            let r = match sched.due(handled, now) {
+                Due::Wait(_) => Ok(()),
+                Due::Done => self.rooms.end_schedule(s.id),
+                Due::Missed(t) => {
+                    tracing::warn!(
+                        "schedule {}: the start of group {group} at {t} was missed (the server was down); skipped",
+                        s.id
+                    );
+                    self.rooms.schedule_handled(s.id, t.as_millisecond())
+                }
+                Due::Fire(t) => {
+                    // Handled first: a start that fails is not retried in a loop.
+                    let r = self.rooms.schedule_handled(s.id, t.as_millisecond());
+                    match self.start(&s.request).await {
+                        Ok(a) => tracing::info!(
+                            "schedule {}: started deployment {} of group {group}{}",
+                            s.id,
+                            a.deployment.unwrap_or(0),
+                            if s.request.wake {
+                                format!(", waking {} hosts", a.woken)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        Err(e) => tracing::error!(
+                            "schedule {}: starting group {group}: {e:#}",
+                            s.id
+                        ),
+                    }
+                    r
+                }
+            };
+            if let Err(e) = r {
+                tracing::error!("schedule {}: {e:#}", s.id);
+            }
+        }
+    }
+
+    /// The schedules still to fire, with their next start.
+    pub fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        let now = jiff::Timestamp::now();
+        Ok(self
+            .rooms
+            .schedules()?
+            .into_iter()
+            .map(|s| {
+                let sched: Option<Schedule> = s.spec.parse().ok();
+                let handled = s
+                    .handled_ms
+                    .and_then(|m| jiff::Timestamp::from_millisecond(m).ok());
+                let next = sched.as_ref().and_then(|x| match x.due(handled, now) {
+                    Due::Wait(t) | Due::Fire(t) => Some(t.to_string()),
+                    Due::Missed(t) => x.next_fire(t).map(|t| t.to_string()),
+                    Due::Done => None,
+                });
+                ScheduleInfo {
+                    id: s.id,
+                    group: s.request.group.unwrap_or_default(),
+                    image: s.request.image,
+                    spec: s.spec,
+                    wake: s.request.wake,
+                    expect: s.request.expect,
+                    last_fired_ms: s.handled_ms,
+                    next,
+                    enabled: true,
+                }
+            })
+            .collect())
     }
 
     /// Starts a deployment of every host that asks (`serve --deploy`).

@@ -207,6 +207,19 @@ pub async fn start(
     answer(s.start(&req).await)
 }
 
+pub async fn schedules(State(s): State<AppState>, h: HeaderMap) -> Response {
+    admin!(s, h);
+    answer(s.schedules())
+}
+
+pub async fn end_schedule(State(s): State<AppState>, h: HeaderMap, Path(id): Path<u64>) -> Response {
+    admin!(s, h);
+    match s.rooms.end_schedule(id) {
+        Ok(()) => Json(serde_json::json!({ "schedule": id, "ended": true })).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, format!("{e:#}")),
+    }
+}
+
 pub async fn stop(State(s): State<AppState>, h: HeaderMap, Path(id): Path<u64>) -> Response {
     admin!(s, h);
     match s.rooms.stop(id) {

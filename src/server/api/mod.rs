@@ -42,6 +42,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/admin/deployments/{id}", get(admin::deployment))
         .route("/api/v1/admin/deployments/{id}/stop", post(admin::stop))
+        .route("/api/v1/admin/schedules", get(admin::schedules))
+        .route(
+            "/api/v1/admin/schedules/{id}",
+            axum::routing::delete(admin::end_schedule),
+        )
         .route("/api/v1/admin/deployment/start", post(admin::start))
         .route("/api/v1/admin/deployment/stop", post(admin::stop_newest))
         .with_state(state)
