@@ -19,13 +19,13 @@ use serde::Serialize;
 use tokio::sync::RwLock;
 
 use super::config::{ServerConfig, mac_bytes, normalize_mac};
-use super::schedule::{Due, Schedule};
-use super::wol;
 use super::metrics::Counters;
 use super::rooms::{Boot, ClaimError, Rooms, Update};
+use super::schedule::{Due, Schedule};
 use super::store::{SeedState, StoredImage};
 use super::token::HostKeys;
 use super::tracker::Tracker;
+use super::wol;
 use crate::protocol::admin::{
     DeploymentInfo, ScheduleInfo, StartRequest, StartResponse, TaskCounts, TaskInfo,
 };
@@ -323,8 +323,14 @@ impl ServerState {
     /// stores a schedule instead.
     pub async fn start(&self, req: &StartRequest) -> Result<StartResponse> {
         if let Some(at) = &req.at {
-            let sched = Schedule::parse_now(at, req.every.as_deref())
-                .with_context(|| format!("--at {at:?}{}", req.every.as_ref().map_or(String::new(), |e| format!(" --every {e:?}"))))?;
+            let sched = Schedule::parse_now(at, req.every.as_deref()).with_context(|| {
+                format!(
+                    "--at {at:?}{}",
+                    req.every
+                        .as_ref()
+                        .map_or(String::new(), |e| format!(" --every {e:?}"))
+                )
+            })?;
             let id = self.rooms.add_schedule(req, &sched.to_string())?;
             let next = sched.next_fire(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1));
             tracing::info!(
@@ -448,10 +454,9 @@ impl ServerState {
                                 String::new()
                             }
                         ),
-                        Err(e) => tracing::error!(
-                            "schedule {}: starting group {group}: {e:#}",
-                            s.id
-                        ),
+                        Err(e) => {
+                            tracing::error!("schedule {}: starting group {group}: {e:#}", s.id)
+                        }
                     }
                     r
                 }

@@ -212,7 +212,11 @@ pub async fn schedules(State(s): State<AppState>, h: HeaderMap) -> Response {
     answer(s.schedules())
 }
 
-pub async fn end_schedule(State(s): State<AppState>, h: HeaderMap, Path(id): Path<u64>) -> Response {
+pub async fn end_schedule(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
     admin!(s, h);
     match s.rooms.end_schedule(id) {
         Ok(()) => Json(serde_json::json!({ "schedule": id, "ended": true })).into_response(),
