@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::protocol::Job;
 use crate::protocol::admin::{
-    DeploymentInfo, ExitType, GroupInfo, HostInfo, HostLog, HostUpdate, StartRequest, StartResponse,
+    DeploymentInfo, ExitType, GroupInfo, HostInfo, HostLog, HostUpdate, ScheduleInfo, StartRequest,
+    StartResponse,
 };
 use crate::server::state::DeploymentView;
 use crate::util::human_bytes;
@@ -111,6 +112,13 @@ pub enum AdminCmd {
     Stop {
         /// The deployment's id.
         deployment: Option<u64>,
+    },
+    /// The schedules still to fire, with their next start.
+    Schedules,
+    /// End a schedule (it does not fire again).
+    Unschedule {
+        /// The schedule's id.
+        id: u64,
     },
     /// Image one host again (a deployment of just that host).
     Reimage {
@@ -492,6 +500,32 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             };
             let v = api.call(Method::POST, &path, None).await?;
             println!("deployment {} stopped", v["deployment"]);
+        }
+        AdminCmd::Schedules => {
+            let v = api.get("/api/v1/admin/schedules").await?;
+            if !show(&v)? {
+                let ss: Vec<ScheduleInfo> = serde_json::from_value(v)?;
+                for s in ss {
+                    println!(
+                        "{:>4}  group {:<12} {:<12} next {:<26} {}{}",
+                        s.id,
+                        s.group,
+                        s.image.as_deref().unwrap_or("(jobs)"),
+                        s.next.as_deref().unwrap_or("never"),
+                        s.spec,
+                        if s.wake { ", wake" } else { "" }
+                    );
+                }
+            }
+        }
+        AdminCmd::Unschedule { id } => {
+            api.call(
+                Method::DELETE,
+                &format!("/api/v1/admin/schedules/{id}"),
+                None,
+            )
+            .await?;
+            println!("schedule {id} ended");
         }
         AdminCmd::Reimage { mac } => {
             let v = api

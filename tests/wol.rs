@@ -5,6 +5,8 @@
 //! Times are the receiver's kernel timestamps, so the check is the pacing,
 //! not how promptly a thread wakes. Needs root and iproute2.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::IoSliceMut;
@@ -273,4 +275,109 @@ fn repeats_apart_and_an_unreachable_subnet_reported() {
         let apart = t[1].abs_diff(t[0]);
         assert!(apart >= Duration::from_millis(280), "PC {mac}: {apart:?}");
     }
+}
+
+/// `admin start --group … --at +4s --wake`, through the real server in the
+/// sender's namespace: nothing before the time, then each member's packet
+/// to its group's subnet broadcast, paced at `wol_rate`, and the
+/// deployment started.
+#[test]
+fn a_scheduled_start_wakes_its_room_at_its_time() {
+    let lab = lab();
+    ip(&["-n", &lab.tx.0, "link", "set", "lo", "up"]);
+    let t = tempfile::tempdir().unwrap();
+    let disk = common::mkdisk(t.path(), "master.img", "gpt", 16);
+    std::fs::create_dir_all(t.path().join("images")).unwrap();
+    common::capture(&disk, &t.path().join("images/lab"), true);
+    let macs: Vec<[u8; 6]> = (1..=6).map(|i| [0x52, 0x54, 0, 0xcc, 7, i]).collect();
+    let members: Vec<String> = macs
+        .iter()
+        .map(|m| {
+            format!(
+                "\"{}\"",
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            )
+        })
+        .collect();
+    let port = 18080;
+    let cfg = t.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nseed_listen = \"127.0.0.1:{}\"\nimages = \"{}\"\n\
+             state_dir = \"{}\"\nadmin_token = \"t0ken\"\nwol_rate = 10\nwol_repeat = 1\n\
+             [[group]]\nname = \"room-7\"\nmembers = [{}]\nwake = \"10.231.7.255:9\"\n\
+             [group.job]\nimage = \"lab\"\n",
+            port + 1,
+            t.path().join("images").display(),
+            t.path().join("state").display(),
+            members.join(", ")
+        ),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let (next, got) = run(&lab, macs.len(), || {
+        // In the sender's namespace: the server, and the admin's commands.
+        let _server = common::Proc(
+            Command::new(common::bin())
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .stderr(File::create(t.path().join("serve.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let t0 = Instant::now();
+        while !String::from_utf8_lossy(&common::http_get(&format!("{url}/api/v1/deployment")).1)
+            .contains("\"state\":\"seeding\"")
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the server never seeded"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        let out = common::bs_ok(&[
+            "admin", "--server", &url, "--token", "t0ken", "--json", "start", "--group", "room-7",
+            "--at", "+4s", "--wake",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let next: jiff::Timestamp = v["next"].as_str().unwrap().parse().unwrap();
+        // Wait for the packets to be sent, then check the history.
+        while jiff::Timestamp::now() < next + jiff::SignedDuration::from_secs(3) {
+            thread::sleep(Duration::from_millis(100));
+        }
+        let h = common::bs_ok(&[
+            "admin", "--server", &url, "--token", "t0ken", "--json", "history",
+        ]);
+        let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+        assert_eq!(h[0]["group"], "room-7", "{h}");
+        assert_eq!(h[0]["tasks"]["pending"], 6, "{h}");
+        next
+    });
+    assert_eq!(got.len(), macs.len(), "packets received");
+    let at = |a: &Arrival| jiff::Timestamp::from_nanosecond(a.at.as_nanos() as i128).unwrap();
+    let first = at(&got[0]);
+    eprintln!("scheduled for {next}, first packet at {first}");
+    assert!(first >= next, "woken early: {first} < {next}");
+    assert!(
+        first < next + jiff::SignedDuration::from_millis(2500),
+        "woken late: {first} for {next}"
+    );
+    let mut seen: Vec<[u8; 6]> = got
+        .iter()
+        .map(|a| {
+            assert_eq!(a.from, Ipv4Addr::new(10, 231, 7, 1));
+            a.payload[6..12].try_into().unwrap()
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, macs);
+    let closest = got.windows(2).map(|w| w[1].at - w[0].at).min().unwrap();
+    assert!(
+        closest >= Duration::from_millis(80),
+        "not paced at 10/s: {closest:?}"
+    );
 }
