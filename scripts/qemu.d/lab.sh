@@ -166,6 +166,7 @@ qlab_server() {
 listen = "$net.1:8080"
 public_url = "$srv"
 images = "$work/images"
+state_dir = "$work/state"
 seed_listen = "$net.1:6881"
 boot_dir = "$work/boot"
 $1

@@ -19,8 +19,15 @@ pub struct ServerConfig {
     /// Image store: one directory per image.
     #[serde(default = "default_images")]
     pub images: PathBuf,
-    /// Bearer token for the admin API; without one the admin API is off.
+    /// The server's own state (the admin token it made, ...); 0700.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Bearer token for the admin API. Without it, the token in
+    /// `admin_token_file`, else in `<state_dir>/admin-token` (made on first
+    /// start); see `admin_token.rs`.
     pub admin_token: Option<String>,
+    /// A file holding the admin token (made on first start if missing).
+    pub admin_token_file: Option<PathBuf>,
     /// "builtin", or an external HTTP announce URL (e.g. opentracker's).
     #[serde(default = "default_tracker")]
     pub tracker: String,
@@ -86,6 +93,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_images() -> PathBuf {
     "images".into()
+}
+fn default_state_dir() -> PathBuf {
+    "state".into()
 }
 fn default_tracker() -> String {
     "builtin".into()

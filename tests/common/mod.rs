@@ -307,9 +307,22 @@ impl Server {
     ) -> Server {
         std::fs::create_dir_all(dir.join("images")).unwrap();
         let cfg = format!(
-            "listen = \"127.0.0.1:{port}\"\nseed_listen = \"127.0.0.1:{seed_port}\"\nimages = \"{}\"\nadmin_token = \"t0ken\"\nannounce_interval = 2\n{extra}\n",
-            dir.join("images").display()
+            "listen = \"127.0.0.1:{port}\"\nseed_listen = \"127.0.0.1:{seed_port}\"\nimages = \"{}\"\nstate_dir = \"{}\"\nadmin_token = \"t0ken\"\nannounce_interval = 2\n{extra}\n",
+            dir.join("images").display(),
+            dir.join("state").display()
         );
+        Self::launch(dir, deploy, &cfg, port, seed_port)
+    }
+
+    /// Starts the server on `cfg`, a whole server.toml that listens on
+    /// 127.0.0.1:`port` and seeds on `seed_port`.
+    pub fn launch(
+        dir: &Path,
+        deploy: Option<usize>,
+        cfg: &str,
+        port: u16,
+        seed_port: u16,
+    ) -> Server {
         std::fs::write(dir.join("server.toml"), cfg).unwrap();
         let log = dir.join(format!("serve-{port}.log"));
         let mut cmd = Command::new(bin());

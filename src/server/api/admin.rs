@@ -1,4 +1,4 @@
-//! The admin API, behind the config's bearer token.
+//! The admin API, behind the bearer token resolved at start (`admin_token.rs`).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -15,7 +15,7 @@ fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.config.admin_token else {
         return Some(error(
             StatusCode::FORBIDDEN,
-            "the admin API is off: set admin_token in the server config",
+            "the admin API is off: the server resolved no admin token",
         ));
     };
     let given = headers
@@ -27,7 +27,7 @@ fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
     } else {
         Some(error(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
+            "missing or wrong bearer token (the server's log names its file: \"admin token: ...\")",
         ))
     }
 }
