@@ -12,6 +12,7 @@ use blockswarm::image::Image;
 use blockswarm::image::capture::{CaptureOptions, capture};
 use blockswarm::server::seed::seed;
 use blockswarm::swarm::SwarmConfig;
+use blockswarm::util::stop_signal;
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +95,9 @@ enum Cmd {
         /// Start a deployment right away, done when N hosts finish (0: all that join).
         #[arg(long, value_name = "N")]
         deploy: Option<usize>,
+        /// Check the config and print the paths it resolves to; start nothing.
+        #[arg(long)]
+        check: bool,
     },
     /// Run the deploy agent (normally from the network-boot initramfs).
     Agent {
@@ -176,7 +180,7 @@ fn run(cli: Cli) -> Result<()> {
             let swarm = seed(&image, from.as_deref(), &cfg).await?;
             // A source changed since capture stops the seed.
             let r = tokio::select! {
-                r = tokio::signal::ctrl_c() => r.map_err(Into::into),
+                _ = stop_signal()? => Ok(()),
                 e = swarm.torrent.wait_failed() => Err(e),
             };
             swarm.stop().await;
@@ -200,7 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             if keep_seeding {
-                tokio::signal::ctrl_c().await?;
+                stop_signal()?.await;
             }
             swarm.stop().await;
             Ok(())
@@ -210,6 +214,7 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             images,
             deploy,
+            check,
         } => {
             let mut cfg = match config {
                 Some(p) => blockswarm::server::config::ServerConfig::load(&p)?,
@@ -221,15 +226,22 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(i) = images {
                 cfg.images = i;
             }
-            runtime()?.block_on(blockswarm::server::serve(
-                blockswarm::server::ServeOptions {
+            if check {
+                print!("{}", blockswarm::server::check::report(&cfg)?);
+                return Ok(());
+            }
+            let rt = runtime()?;
+            let r = rt.block_on(async {
+                let opts = blockswarm::server::ServeOptions {
                     config: cfg,
                     deploy,
-                },
-                async {
-                    let _ = tokio::signal::ctrl_c().await;
-                },
-            ))
+                };
+                blockswarm::server::serve(opts, stop_signal()?).await
+            });
+            // Work still on a blocking thread (a store file being hashed)
+            // must not hold up the stop.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            r
         }
         Cmd::Agent {
             server,

@@ -17,6 +17,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Resolves on SIGTERM (how systemd stops a service) or SIGINT (Ctrl-C).
+/// The handlers are in place when this returns, not when the future is
+/// first polled, so a stop during start-up is not lost. Needs a runtime.
+pub fn stop_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name}: stopping");
+    })
+}
+
 /// Runs a third-party parser, turning a panic on hostile input into an error
 /// (librqbit's bencode panics on an integer past 64 bits with overflow
 /// checks on; gptman and mbrman on some tables).

@@ -20,15 +20,20 @@ pub struct ServerConfig {
     /// Image store: one directory per image.
     #[serde(default = "default_images")]
     pub images: PathBuf,
-    /// The server's database (hosts, groups, deployments, history).
+    /// The server's own state, mode 0700: the database (hosts, groups,
+    /// deployments, history) and the admin token it made.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// What a network boot does for a host with nothing to do, unless its
     /// group or itself says otherwise: "auto", "sanboot" or "exit".
     #[serde(default)]
     pub exit: ExitType,
-    /// Bearer token for the admin API; without one the admin API is off.
+    /// Bearer token for the admin API. Without it, the token in
+    /// `admin_token_file`, else in `<state_dir>/admin-token` (made on first
+    /// start); see `admin_token.rs`.
     pub admin_token: Option<String>,
+    /// A file holding the admin token (made on first start if missing).
+    pub admin_token_file: Option<PathBuf>,
     /// "builtin", or an external HTTP announce URL (e.g. opentracker's).
     #[serde(default = "default_tracker")]
     pub tracker: String,
@@ -121,6 +126,9 @@ fn default_listen() -> SocketAddr {
 fn default_images() -> PathBuf {
     "images".into()
 }
+fn default_state_dir() -> PathBuf {
+    "state".into()
+}
 fn default_tracker() -> String {
     "builtin".into()
 }
@@ -129,9 +137,6 @@ fn default_interval() -> u64 {
 }
 fn default_seed_listen() -> SocketAddr {
     "0.0.0.0:6881".parse().expect("valid")
-}
-fn default_state_dir() -> PathBuf {
-    "state".into()
 }
 fn default_boot_dir() -> PathBuf {
     "boot".into()

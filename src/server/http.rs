@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::api::error;
 use super::metrics::Counters;
@@ -60,7 +60,9 @@ pub struct Limits {
     pub per_ip: usize,
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves.
+/// Serves `app` on `listener` until `shutdown` resolves, then stops
+/// accepting (the listener is closed) and gives the requests under way
+/// [`SHUTDOWN_GRACE`] to finish; idle keep-alive connections close at once.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -122,6 +124,10 @@ pub async fn serve(
         });
     }
     drop(listener);
+    info!(
+        "HTTP: no new connections; waiting up to {} s for requests under way",
+        SHUTDOWN_GRACE.as_secs()
+    );
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {

@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tracing::info;
 
+pub mod admin_token;
 pub mod api;
 pub mod boot;
+pub mod check;
 pub mod config;
 pub mod dashboard;
 pub mod db;
@@ -46,9 +48,17 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let cfg = opts.config;
+    let mut cfg = opts.config;
     std::fs::create_dir_all(&cfg.images)
         .with_context(|| format!("creating the image store {}", cfg.images.display()))?;
+    // The server's own secrets live here: its user's alone.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    // Resolved once: the admin API reads `config.admin_token` alone.
+    let admin = admin_token::resolve(&cfg)?;
+    info!("{}", admin.origin);
+    cfg.admin_token = Some(admin.token);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -92,6 +102,7 @@ pub async fn serve(
     scanner.abort();
     scheduler.abort();
     state.seeds.stop().await;
+    info!("stopped");
     Ok(())
 }
 

@@ -97,7 +97,7 @@ fn message(deployment: u64, mac: &str) -> Vec<u8> {
     format!("blockswarm host token v1 {deployment} {mac}").into_bytes()
 }
 
-fn random_key() -> Result<[u8; KEY_LEN]> {
+pub(super) fn random_key() -> Result<[u8; KEY_LEN]> {
     let mut k = [0u8; KEY_LEN];
     SystemRandom::new()
         .fill(&mut k)

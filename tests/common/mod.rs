@@ -311,6 +311,18 @@ impl Server {
             dir.join("images").display(),
             dir.join("state").display()
         );
+        Self::launch(dir, deploy, &cfg, port, seed_port)
+    }
+
+    /// Starts the server on `cfg`, a whole server.toml that listens on
+    /// 127.0.0.1:`port` and seeds on `seed_port`.
+    pub fn launch(
+        dir: &Path,
+        deploy: Option<usize>,
+        cfg: &str,
+        port: u16,
+        seed_port: u16,
+    ) -> Server {
         std::fs::write(dir.join("server.toml"), cfg).unwrap();
         let log = dir.join(format!("serve-{port}.log"));
         let mut cmd = Command::new(bin());

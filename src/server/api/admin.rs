@@ -1,5 +1,5 @@
-//! The admin API, behind the admin credential: hosts, groups, deployments,
-//! history, logs.
+//! The admin API, behind the admin credential (resolved at start:
+//! `admin_token.rs`): hosts, groups, deployments, history, logs.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -16,7 +16,7 @@ fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.config.admin_token else {
         return Some(error(
             StatusCode::FORBIDDEN,
-            "the admin API is off: set admin_token in the server config",
+            "the admin API is off: the server resolved no admin token",
         ));
     };
     let given = headers
@@ -28,7 +28,7 @@ fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
     } else {
         Some(error(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
+            "missing or wrong bearer token (the server's log names its file: \"admin token: ...\")",
         ))
     }
 }
