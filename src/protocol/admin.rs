@@ -160,6 +160,8 @@ pub struct TaskInfo {
     /// What the agent last said it is doing.
     pub state: Option<AgentState>,
     pub image: String,
+    /// The torrent written, once the host fetched its job.
+    pub info_hash: Option<String>,
     pub attempts: u32,
     pub max_attempts: u32,
     pub created_ms: i64,

@@ -294,8 +294,11 @@ impl Rooms {
         let mut out = Outcome::default();
         match (state, u.state) {
             (TaskState::Pending | TaskState::Running, s) if s.finished() => {
+                // The agent says finished only once every piece passed its
+                // hash (and the read-back, with verify = "readback").
                 tx.execute(
-                    "UPDATE tasks SET state = 'done', ended = ?2, error = NULL WHERE id = ?1",
+                    "UPDATE tasks SET state = 'done', ended = ?2, error = NULL, \
+                     verify = json_extract(job, '$.verify') || ': passed' WHERE id = ?1",
                     params![id, now],
                 )?;
                 out.ended = true;
@@ -487,6 +490,15 @@ impl Rooms {
                 .map_or(String::new(), |n| format!(", expecting {n}"))
         );
         Ok(id as u64)
+    }
+
+    /// Records which torrent a host's task is writing.
+    pub fn set_info_hash(&self, deployment: u64, mac: &str, info_hash: &str) -> Result<()> {
+        self.db.lock().execute(
+            "UPDATE tasks SET info_hash = ?3 WHERE deployment = ?1 AND mac = ?2",
+            params![deployment as i64, mac, info_hash],
+        )?;
+        Ok(())
     }
 
     /// Stops a running deployment: its open tasks are cancelled.
@@ -1147,7 +1159,7 @@ fn deployment_row(r: &db::Row) -> rusqlite::Result<DeploymentInfo> {
 
 const TASK_COLS: &str = "SELECT t.deployment, t.mac, h.name, t.state, t.agent_state, t.job, \
     t.attempts, t.max_attempts, t.created, t.started, t.ended, t.done_bytes, t.total_bytes, \
-    t.origin_bytes, t.uploaded_bytes, t.error, t.disk, t.verify \
+    t.origin_bytes, t.uploaded_bytes, t.error, t.disk, t.verify, t.info_hash \
     FROM tasks t LEFT JOIN hosts h ON h.mac = t.mac";
 
 fn task_row(r: &db::Row) -> rusqlite::Result<TaskInfo> {
@@ -1164,6 +1176,7 @@ fn task_row(r: &db::Row) -> rusqlite::Result<TaskInfo> {
                 .and_then(|v| v.as_str().map(String::from))
         }),
         image: job.map(|j| j.image).unwrap_or_default(),
+        info_hash: r.get("info_hash")?,
         attempts: r.get("attempts")?,
         max_attempts: r.get("max_attempts")?,
         created_ms: r.get("created")?,

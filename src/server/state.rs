@@ -191,7 +191,18 @@ impl ServerState {
         };
         let mac = normalize_mac(mac).map_err(|e| JobError::BadRequest(e.to_string()))?;
         let job = claim.job;
-        let seeded = match self.images.read().await.get(&job.image) {
+        let images = self.images.read().await;
+        let seeded = match images.get(&job.image) {
+            Some(s) => {
+                let hash = &s.image.manifest.payload.info_hash;
+                if let Err(e) = self.rooms.set_info_hash(claim.deployment, &mac, hash) {
+                    tracing::warn!("recording the torrent of {mac}'s task: {e:#}");
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let seeded = match seeded {
             None => {
                 return Err(JobError::NoJob(format!(
                     "the job's image {:?} is not in the store",
@@ -208,6 +219,7 @@ impl ServerState {
                 _ => s.torrent.is_some(),
             },
         };
+        drop(images);
         let id = claim.deployment;
         let token = self.keys.issue(id, &mac);
         let announce = self.config.announce_url();

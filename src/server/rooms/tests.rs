@@ -96,6 +96,8 @@ fn a_finished_pc_is_not_imaged_again_until_asked() {
     assert_eq!((c.deployment, c.job.image.as_str()), (id, "win"));
     let o = report(&r, id, A, AgentState::Seeding);
     assert!(o.ended && !o.deployment_done);
+    let t = r.tasks(id, 0, 10).unwrap();
+    assert_eq!(t[0].verify.as_deref(), Some("pieces: passed"));
     // It reboots into the network: its disk, as its group says.
     assert!(matches!(
         r.boot(A, &mut |_| true).unwrap(),
