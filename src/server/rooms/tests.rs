@@ -1,4 +1,5 @@
 use super::*;
+use crate::protocol::admin::HostUpdate;
 
 const ROOM: &str = "
 [[group]]
