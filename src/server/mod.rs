@@ -145,6 +145,7 @@ async fn scan_loop(state: Arc<ServerState>) {
         state
             .trust
             .replace(state.tracker.host_ips().into_iter().map(IpAddr::V4));
+        state.save_progress();
         state.prune_hosts();
         tokio::time::sleep(SCAN_INTERVAL).await;
     }

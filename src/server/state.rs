@@ -64,6 +64,21 @@ pub const MAX_JOINS_PER_ADDRESS: usize = 16;
 struct Live {
     report: StatusReport,
     seen: Instant,
+    /// Progress not yet in the database.
+    dirty: bool,
+}
+
+impl Live {
+    /// Whether `r` changes only progress: such reports (nearly all of them)
+    /// are kept in memory and written in batches ([`ServerState::save_progress`]).
+    fn only_progress(&self, r: &StatusReport) -> bool {
+        let p = &self.report;
+        p.deployment == r.deployment
+            && p.state == r.state
+            && p.disk == r.disk
+            && p.error == r.error
+            && r.log.is_empty()
+    }
 }
 
 /// What the dashboard and `admin status` show of one deployment.
@@ -287,9 +302,16 @@ impl ServerState {
             },
             None => None,
         };
-        let outcome = self
-            .rooms
-            .update(&Update {
+        let quiet = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&r.mac)
+            .is_some_and(|l| l.only_progress(&r));
+        let outcome = if quiet {
+            self.rooms.standing(deployment, &r.mac)
+        } else {
+            self.rooms.update(&Update {
                 deployment,
                 mac: &r.mac,
                 state: r.state,
@@ -298,7 +320,9 @@ impl ServerState {
                 disk: r.disk.as_ref(),
                 log: &r.log,
             })
-            .map_err(|e| ReportError::Internal(format!("recording the report: {e:#}")))?;
+        };
+        let outcome =
+            outcome.map_err(|e| ReportError::Internal(format!("recording the report: {e:#}")))?;
         let Some(outcome) = outcome else {
             return Err(refuse(format!(
                 "status report for {} refused: it has no task in deployment {deployment}",
@@ -313,6 +337,7 @@ impl ServerState {
             Live {
                 report: r,
                 seen: Instant::now(),
+                dirty: quiet,
             },
         );
         Ok(StatusAck {
@@ -320,6 +345,24 @@ impl ServerState {
             stopped: outcome.stopped,
             image_failed,
         })
+    }
+
+    /// Writes the progress kept in memory since the last call, in one
+    /// transaction.
+    pub fn save_progress(&self) {
+        let batch: Vec<(u64, String, crate::protocol::Progress)> = {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.values_mut()
+                .filter_map(|l| {
+                    let dirty = std::mem::take(&mut l.dirty);
+                    let d = l.report.deployment.filter(|_| dirty)?;
+                    Some((d, l.report.mac.clone(), l.report.progress))
+                })
+                .collect()
+        };
+        if let Err(e) = self.rooms.save_progress(&batch) {
+            tracing::warn!("saving the hosts' progress: {e:#}");
+        }
     }
 
     /// Forgets live progress of hosts silent for [`HOST_TTL`].

@@ -426,6 +426,51 @@ impl Rooms {
         Ok(id as u64)
     }
 
+    /// What a report that changes nothing but progress is answered: the
+    /// task's and its deployment's standing. `None`: no such task.
+    pub fn standing(&self, deployment: u64, mac: &str) -> Result<Option<Outcome>> {
+        let c = self.db.lock();
+        Ok(one(
+            &c,
+            "SELECT d.state, t.state FROM tasks t JOIN deployments d ON d.id = t.deployment \
+             WHERE t.deployment = ?1 AND t.mac = ?2",
+            params![deployment as i64, mac],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )?
+        .map(|(d, t)| Outcome {
+            deployment_done: d == "done",
+            stopped: d == "stopped" || t == "cancelled",
+            ended: false,
+        }))
+    }
+
+    /// Writes hosts' progress (deployment, MAC, progress) in one transaction.
+    pub fn save_progress(&self, batch: &[(u64, String, Progress)]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare(
+                "UPDATE tasks SET done_bytes = ?3, total_bytes = ?4, uploaded_bytes = ?5, \
+                 origin_bytes = ?6 WHERE deployment = ?1 AND mac = ?2",
+            )?;
+            for (d, mac, p) in batch {
+                st.execute(params![
+                    *d as i64,
+                    mac,
+                    p.done_bytes as i64,
+                    p.total_bytes as i64,
+                    p.uploaded_bytes as i64,
+                    p.origin_bytes as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records which torrent a host's task is writing.
     pub fn set_info_hash(&self, deployment: u64, mac: &str, info_hash: &str) -> Result<()> {
         self.db.lock().execute(
