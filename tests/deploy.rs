@@ -65,18 +65,26 @@ fn server_and_four_agents() {
     );
 
     // Observability: metrics, dashboard page, admin CLI.
+    let size_done = img["payload_bytes"].as_u64().unwrap();
     let (code, m) = http_get(&format!("{}/metrics", srv.url));
     let m = String::from_utf8(m).unwrap();
     assert_eq!(code, 200);
     assert!(
         m.contains(&format!(
-            "blockswarm_host_done_bytes{{mac=\"{}\",state=\"done\"}}",
+            "blockswarm_host_done_bytes{{deployment=\"1\",mac=\"{}\"}} {size_done}",
             mac(0)
         )),
         "{m}"
     );
     assert!(
-        m.contains("blockswarm_seed_uploaded_bytes_total{image=\"lab\",state=\"seeding\"}"),
+        m.contains(&format!(
+            "blockswarm_host_task_state{{deployment=\"1\",mac=\"{}\",state=\"done\"}} 1",
+            mac(0)
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockswarm_seed_uploaded_bytes_total{image=\"lab\"}"),
         "{m}"
     );
     let (code, page) = http_get(&format!("{}/", srv.url));

@@ -36,6 +36,14 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    pub const ALL: [Self; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Done,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -47,15 +55,7 @@ impl TaskState {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Pending,
-            Self::Running,
-            Self::Done,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == s)
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
     /// Still wants the host to boot the agent.
@@ -200,6 +200,16 @@ impl TaskCounts {
             TaskState::Failed => &mut self.failed,
             TaskState::Cancelled => &mut self.cancelled,
         } += n;
+    }
+
+    pub fn get(&self, s: TaskState) -> usize {
+        match s {
+            TaskState::Pending => self.pending,
+            TaskState::Running => self.running,
+            TaskState::Done => self.done,
+            TaskState::Failed => self.failed,
+            TaskState::Cancelled => self.cancelled,
+        }
     }
 
     pub fn total(&self) -> usize {

@@ -304,6 +304,34 @@ pub enum AgentState {
 }
 
 impl AgentState {
+    /// Every state, in the order of a job.
+    pub const ALL: [Self; 9] = [
+        Self::WaitingForJob,
+        Self::SelectingDisk,
+        Self::Checking,
+        Self::Downloading,
+        Self::Verifying,
+        Self::Finishing,
+        Self::Seeding,
+        Self::Done,
+        Self::Failed,
+    ];
+
+    /// Its name, as in reports and views.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WaitingForJob => "waiting_for_job",
+            Self::SelectingDisk => "selecting_disk",
+            Self::Checking => "checking",
+            Self::Downloading => "downloading",
+            Self::Verifying => "verifying",
+            Self::Finishing => "finishing",
+            Self::Seeding => "seeding",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+
     pub fn finished(self) -> bool {
         matches!(self, Self::Seeding | Self::Done)
     }
@@ -372,6 +400,13 @@ pub struct StatusAck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_state_names_are_serde_s() {
+        for s in AgentState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 
     #[test]
     fn spread_is_even() {

@@ -672,11 +672,9 @@ impl ServerState {
                 let c = crate::util::parse_hex20(&m.payload.info_hash)
                     .map(|h| self.tracker.counts(&h))
                     .unwrap_or_default();
-                let (state, error) = match &s.state {
-                    SeedState::External => ("external", None),
-                    SeedState::Verifying => ("verifying", None),
-                    SeedState::Seeding => ("seeding", None),
-                    SeedState::Failed(e) => ("failed", Some(e.clone())),
+                let error = match &s.state {
+                    SeedState::Failed(e) => Some(e.clone()),
+                    _ => None,
                 };
                 ImageView {
                     name: s.name.clone(),
@@ -684,7 +682,7 @@ impl ServerState {
                     payload_bytes: m.payload.size,
                     disk_bytes: m.disk.size,
                     source: s.source.display().to_string(),
-                    state: state.into(),
+                    state: s.state.name().into(),
                     error,
                     uploaded_bytes: p.uploaded_bytes,
                     up_bps: p.up_bps,

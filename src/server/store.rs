@@ -35,6 +35,20 @@ pub enum SeedState {
     Failed(String),
 }
 
+impl SeedState {
+    /// The states' names, as [`SeedState::name`] gives them.
+    pub const NAMES: [&str; 4] = ["external", "verifying", "seeding", "failed"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::External => "external",
+            Self::Verifying => "verifying",
+            Self::Seeding => "seeding",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
 pub struct StoredImage {
     pub name: String,
     pub image: Image,
@@ -406,5 +420,22 @@ pub async fn update_states(
         };
         warn!("image {name}: {failed}");
         stop_seeding(session, s, failed).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_seed_state_is_named() {
+        let all = [
+            SeedState::External,
+            SeedState::Verifying,
+            SeedState::Seeding,
+            SeedState::Failed("x".into()),
+        ];
+        let names: Vec<_> = all.iter().map(SeedState::name).collect();
+        assert_eq!(names, SeedState::NAMES);
     }
 }
