@@ -187,3 +187,65 @@ fn a_server_killed_mid_deployment_carries_on_with_the_same_deployment() {
     let out = admin(&srv, &["start", "--host", A]);
     assert!(out.contains("deployment 2 started"), "{out}");
 }
+
+/// Two rooms, two images, one server, at once: each PC gets its room's
+/// image, and each deployment ends on its own.
+#[test]
+fn two_rooms_deploy_two_images_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(t.path().join("images")).unwrap();
+    let gpt = mkdisk(t.path(), "win.img", "gpt", 16);
+    capture(&gpt, &t.path().join("images/win"), true);
+    let mbr = mkdisk(t.path(), "linux.img", "mbr", 16);
+    capture(&mbr, &t.path().join("images/linux"), true);
+    let rooms = [
+        (
+            "room-a",
+            "win",
+            &gpt,
+            ["52:54:00:00:1a:01", "52:54:00:00:1a:02"],
+        ),
+        (
+            "room-b",
+            "linux",
+            &mbr,
+            ["52:54:00:00:1b:01", "52:54:00:00:1b:02"],
+        ),
+    ];
+    let mut cfg = String::from("seed_upload_limit = \"20M\"\n");
+    for (name, image, _, members) in &rooms {
+        cfg += &format!(
+            "[[group]]\nname = \"{name}\"\nmembers = [\"{}\", \"{}\"]\n[group.job]\nimage = \"{image}\"\n\
+             on_done = \"nothing\"\nkeep_seeding = \"deployment\"\nseed_cap_minutes = 2\n\n",
+            members[0], members[1]
+        );
+    }
+    let srv = Server::start(t.path(), None, &cfg);
+    srv.wait_seeding("win");
+    srv.wait_seeding("linux");
+    let a = admin(&srv, &["start", "--group", "room-a"]);
+    let b = admin(&srv, &["start", "--group", "room-b"]);
+    assert!(
+        a.contains("deployment 1 started") && b.contains("deployment 2 started"),
+        "{a}{b}"
+    );
+    let mut agents = Vec::new();
+    for (_, image, disk, members) in &rooms {
+        let size = std::fs::metadata(disk).unwrap().len();
+        for m in members {
+            let tgt = t.path().join(format!("{}.img", &m[12..].replace(':', "")));
+            blank_target(&tgt, size, false);
+            agents.push((Agent::start(&srv.url, m, &tgt), tgt, image, disk));
+        }
+    }
+    for (a, tgt, image, disk) in &mut agents {
+        a.wait_ok(180);
+        assert_extents_equal(&t.path().join("images").join(image), disk, tgt, &[]);
+    }
+    for id in [1, 2] {
+        let v: serde_json::Value =
+            serde_json::from_str(&admin(&srv, &["--json", "status", &id.to_string()])).unwrap();
+        assert_eq!(v["done"], true, "{v}");
+        assert_eq!(v["tasks"]["done"], 2, "{v}");
+    }
+}
