@@ -456,13 +456,18 @@ async fn report(
     t0: Instant,
     state: AgentState,
 ) -> Option<StatusAck> {
+    // A real agent logs a few lines when its state changes (and ships them
+    // with the next report), otherwise next to nothing.
+    rep.log = if rep.state != state {
+        vec![format!(
+            "INFO blockswarm::agent: {state:?} after {:.1} s, {} of {} bytes",
+            rep.elapsed_s, rep.progress.done_bytes, rep.progress.total_bytes
+        )]
+    } else {
+        Vec::new()
+    };
     rep.state = state;
     rep.elapsed_s = t0.elapsed().as_secs_f64();
-    // A real agent ships a line or two of its log with most reports.
-    rep.log = vec![format!(
-        "INFO blockswarm::agent: {state:?} after {:.1} s, {} of {} bytes",
-        rep.elapsed_s, rep.progress.done_bytes, rep.progress.total_bytes
-    )];
     let body = serde_json::to_vec(rep).expect("a report serializes");
     let (code, b) = c
         .send(Endpoint::Status, Method::POST, "/api/v1/status", Some(body))
