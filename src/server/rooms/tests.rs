@@ -290,3 +290,19 @@ fn made_up_macs_cannot_grow_the_database_without_bound() {
     let unknown = r.hosts().unwrap().iter().filter(|h| !h.registered).count();
     assert_eq!(unknown as i64, MAX_UNREGISTERED);
 }
+
+#[test]
+fn a_pc_left_over_when_expect_is_reached_can_be_deployed_again() {
+    let r = rooms("");
+    let req = StartRequest {
+        group: Some("room-1".into()),
+        expect: Some(1),
+        ..Default::default()
+    };
+    let id = r.start(&req, images).unwrap();
+    r.claim(A, &mut |_| true).unwrap();
+    assert!(report(&r, id, A, AgentState::Done).deployment_done);
+    // B never booted: its task is still open in a deployment that is done.
+    let again = r.start(&req, images).unwrap();
+    assert_eq!(r.claim(B, &mut |_| true).unwrap().deployment, again);
+}
