@@ -89,7 +89,8 @@ fn server_and_four_agents() {
     );
     let (code, page) = http_get(&format!("{}/", srv.url));
     assert_eq!(code, 200);
-    assert!(String::from_utf8_lossy(&page).contains("/api/v1/deployment"));
+    // The dashboard asks for the admin token first (tests/dashboard.rs).
+    assert!(String::from_utf8_lossy(&page).contains("action=\"/login\""));
     let out = bs_ok(&["admin", "--server", &srv.url, "status"]);
     assert!(
         out.contains("deployment 1: done") && out.contains(&mac(3)),

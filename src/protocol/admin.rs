@@ -267,11 +267,14 @@ pub struct ScheduleInfo {
     pub enabled: bool,
 }
 
-/// `GET /api/v1/admin/hosts/{mac}/log`.
+/// `GET /api/v1/admin/hosts/{mac}/log`: the lines and the error of the
+/// host's latest task (or of one deployment's).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostLog {
     pub mac: String,
     pub deployment: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
     pub lines: Vec<LogLine>,
 }
 
@@ -279,4 +282,68 @@ pub struct HostLog {
 pub struct LogLine {
     pub at_ms: i64,
     pub line: String,
+}
+
+/// `GET /api/v1/admin/deployments/{id}/tiles`: the room view of one
+/// deployment, small enough to poll once a second with 1000 PCs (about
+/// 60 bytes a PC; the full per-host view is ten times that).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomView {
+    pub deployment: DeploymentInfo,
+    /// The server's clock, for the elapsed time.
+    pub now_ms: i64,
+    /// The tasks' distinct errors, each cut short; tiles point into it.
+    pub errors: Vec<String>,
+    pub tiles: Vec<Tile>,
+}
+
+/// One PC of the room view, as a short JSON array:
+/// `[mac, name, state, progress in per mille, rate in bytes/s, error]`.
+/// The rate is the download rate while downloading, else the upload rate;
+/// the error is an index into [`RoomView::errors`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tile(
+    pub String,
+    pub Option<String>,
+    pub TileState,
+    pub u16,
+    pub u64,
+    pub Option<usize>,
+);
+
+/// What a tile shows: the task's state, and while it runs what the agent
+/// last said it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TileState {
+    /// Waiting for the PC to network-boot (again, after a failed attempt).
+    Pending,
+    /// Booted: fetching its job, choosing and checking its disk.
+    Booting,
+    Downloading,
+    /// Checking what it wrote, writing the partition table.
+    Verifying,
+    /// Done, and still seeding its peers.
+    Seeding,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl TileState {
+    pub fn of(task: TaskState, agent: Option<AgentState>) -> Self {
+        match (task, agent) {
+            (TaskState::Pending, _) => Self::Pending,
+            (TaskState::Done, Some(AgentState::Seeding)) => Self::Seeding,
+            (TaskState::Done, _) => Self::Done,
+            (TaskState::Failed, _) => Self::Failed,
+            (TaskState::Cancelled, _) => Self::Cancelled,
+            (TaskState::Running, Some(AgentState::Downloading)) => Self::Downloading,
+            (TaskState::Running, Some(AgentState::Verifying | AgentState::Finishing)) => {
+                Self::Verifying
+            }
+            (TaskState::Running, Some(AgentState::Seeding | AgentState::Done)) => Self::Seeding,
+            (TaskState::Running, _) => Self::Booting,
+        }
+    }
 }

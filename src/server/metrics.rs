@@ -128,7 +128,7 @@ impl Snapshot {
             }
         }
         let since = now_ms - DONE_SHOWN.as_millis() as i64;
-        for d in s.rooms.deployments(RECENT, None)? {
+        for d in s.rooms.deployments(RECENT, None, None)? {
             if d.state == DeploymentState::Done && d.ended_ms.is_some_and(|e| e >= since) {
                 shown.insert(d.id, d);
             }

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::sync::RwLock;
 
+use super::api::session::Sessions;
 use super::config::{ServerConfig, mac_bytes, normalize_mac};
 use super::metrics::Counters;
 use super::rooms::{Boot, ClaimError, Rooms, Update};
@@ -27,7 +28,8 @@ use super::token::HostKeys;
 use super::tracker::Tracker;
 use super::wol;
 use crate::protocol::admin::{
-    DeploymentInfo, ScheduleInfo, StartRequest, StartResponse, TaskCounts, TaskInfo,
+    DeploymentInfo, RoomView, ScheduleInfo, StartRequest, StartResponse, TaskCounts, TaskInfo,
+    Tile, TileState,
 };
 use crate::protocol::{AgentState, JobResponse, StatusAck, StatusReport};
 use crate::swarm::SwarmSession;
@@ -50,6 +52,8 @@ pub struct ServerState {
     pub trust: Arc<Trust>,
     pub counters: Arc<Counters>,
     pub rooms: Rooms,
+    /// The dashboard's logins.
+    pub sessions: Sessions,
     /// The last report of each host with a task, by MAC: rates and peers,
     /// which the database does not keep.
     live: Mutex<HashMap<String, Live>>,
@@ -140,6 +144,7 @@ impl ServerState {
             images: RwLock::default(),
             seeds,
             rooms,
+            sessions: Sessions::default(),
             live: Mutex::default(),
             joins: Mutex::default(),
         }
@@ -600,7 +605,7 @@ impl ServerState {
         let running = self.rooms.running().unwrap_or_default();
         let id = id.or(running.first().copied()).or_else(|| {
             self.rooms
-                .deployments(1, None)
+                .deployments(1, None, None)
                 .ok()
                 .and_then(|v| v.first().map(|d| d.id))
         });
@@ -650,6 +655,39 @@ impl ServerState {
             hosts,
             images: self.image_views().await,
         }
+    }
+
+    /// The room view of deployment `id`: a tile per PC, the errors shared.
+    pub fn room(&self, id: u64) -> Result<Option<RoomView>> {
+        let Some(deployment) = self.rooms.deployment(id)? else {
+            return Ok(None);
+        };
+        let tasks = self.live_tasks(self.rooms.tasks(id, 0, super::MAX_HOSTS)?);
+        let mut errors = Vec::new();
+        let tiles = tasks
+            .into_iter()
+            .map(|t| {
+                let state = TileState::of(t.task, t.state);
+                let per_mille = match (t.total_bytes, state) {
+                    (0, TileState::Done | TileState::Seeding) => 1000,
+                    (0, _) => 0,
+                    (total, _) => (t.done_bytes.min(total) * 1000 / total) as u16,
+                };
+                let rate = if state == TileState::Downloading {
+                    t.down_bps
+                } else {
+                    t.up_bps
+                };
+                let error = t.error.map(|e| error_index(&mut errors, e));
+                Tile(t.mac, t.name, state, per_mille, rate as u64, error)
+            })
+            .collect();
+        Ok(Some(RoomView {
+            deployment,
+            now_ms: super::db::now_ms(),
+            errors,
+            tiles,
+        }))
     }
 
     /// Every host's live fields merged into `tasks`.
@@ -742,6 +780,27 @@ fn bounded(mut r: StatusReport, mac: String) -> Result<StatusReport> {
     Ok(r)
 }
 
+/// Distinct errors a room view carries at most, each cut to about
+/// [`ROOM_ERROR`] bytes: a room failing in 1000 ways still polls small.
+const ROOM_ERRORS: usize = 32;
+const ROOM_ERROR: usize = 160;
+
+/// Where error `e` is in a room view's `errors`, added if new.
+fn error_index(errors: &mut Vec<String>, e: String) -> usize {
+    let e = clip(e, ROOM_ERROR);
+    if let Some(i) = errors.iter().position(|x| *x == e) {
+        return i;
+    }
+    if errors.len() < ROOM_ERRORS {
+        errors.push(e);
+        return errors.len() - 1;
+    }
+    if errors.len() == ROOM_ERRORS {
+        errors.push("another error: click the PC to see it".into());
+    }
+    ROOM_ERRORS
+}
+
 /// `s` cut to about `max` bytes, saying how much was cut.
 fn clip(mut s: String, max: usize) -> String {
     if s.len() <= max {
@@ -760,6 +819,20 @@ fn clip(mut s: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_room_view_keeps_few_errors() {
+        let mut errors = Vec::new();
+        assert_eq!(error_index(&mut errors, "disk too small".into()), 0);
+        assert_eq!(error_index(&mut errors, "x".repeat(1000)), 1);
+        assert_eq!(error_index(&mut errors, "disk too small".into()), 0);
+        assert!(errors[1].len() < ROOM_ERROR + 30, "{}", errors[1]);
+        for i in 0..100 {
+            assert!(error_index(&mut errors, format!("error {i}")) <= ROOM_ERRORS);
+        }
+        assert_eq!(errors.len(), ROOM_ERRORS + 1);
+        assert!(errors[ROOM_ERRORS].starts_with("another error"));
+    }
 
     #[test]
     fn clip_cuts_on_a_char_boundary_and_says_so() {

@@ -97,6 +97,11 @@ fn message(deployment: u64, mac: &str) -> Vec<u8> {
     format!("blockswarm host token v1 {deployment} {mac}").into_bytes()
 }
 
+/// 32 random bytes in hex: a secret for a cookie or a form.
+pub fn random_hex() -> Result<String> {
+    Ok(hex(&random_key()?))
+}
+
 pub(super) fn random_key() -> Result<[u8; KEY_LEN]> {
     let mut k = [0u8; KEY_LEN];
     SystemRandom::new()

@@ -3,39 +3,14 @@
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::session::Admin;
 use super::{AppState, error};
 use crate::protocol::Job;
-use crate::protocol::admin::{GroupInfo, HostLog, HostUpdate, StartRequest};
-
-/// Checks `Authorization: Bearer <token>`: `Some(refusal)` unless it matches.
-fn deny(s: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &s.config.admin_token else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "the admin API is off: the server resolved no admin token",
-        ));
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-        None
-    } else {
-        Some(error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (the server's log names its file: \"admin token: ...\")",
-        ))
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::protocol::admin::{DeploymentState, GroupInfo, HostLog, HostUpdate, StartRequest};
 
 /// An `anyhow` result as JSON, or 400 with its message.
 fn answer<T: serde::Serialize>(r: anyhow::Result<T>) -> Response {
@@ -45,22 +20,16 @@ fn answer<T: serde::Serialize>(r: anyhow::Result<T>) -> Response {
     }
 }
 
-macro_rules! admin {
-    ($s:expr, $h:expr) => {
-        if let Some(r) = deny(&$s, &$h) {
-            return r;
-        }
-    };
-}
-
-pub async fn images(State(s): State<AppState>, h: HeaderMap) -> Response {
-    admin!(s, h);
+pub async fn images(_: Admin, State(s): State<AppState>) -> Response {
     Json(s.image_views().await).into_response()
 }
 
-pub async fn hosts(State(s): State<AppState>, h: HeaderMap) -> Response {
-    admin!(s, h);
-    answer(s.rooms.hosts().map(|mut v| {
+/// The hosts, unknown ones first (`?offset=&limit=`: a page of them).
+pub async fn hosts(_: Admin, State(s): State<AppState>, Query(p): Query<Page>) -> Response {
+    let page = s
+        .rooms
+        .hosts_page(p.offset.unwrap_or(0), p.limit.unwrap_or(usize::MAX));
+    answer(page.map(|mut v| {
         for host in &mut v {
             if let Some(t) = host.task.take() {
                 host.task = s.live_tasks(vec![t]).pop();
@@ -71,12 +40,11 @@ pub async fn hosts(State(s): State<AppState>, h: HeaderMap) -> Response {
 }
 
 pub async fn update_host(
+    _: Admin,
     State(s): State<AppState>,
-    h: HeaderMap,
     Path(mac): Path<String>,
     Json(u): Json<HostUpdate>,
 ) -> Response {
-    admin!(s, h);
     let images = s.servable().await;
     answer(
         s.rooms
@@ -86,12 +54,11 @@ pub async fn update_host(
 }
 
 pub async fn set_job(
+    _: Admin,
     State(s): State<AppState>,
-    h: HeaderMap,
     Path(mac): Path<String>,
     Json(job): Json<Job>,
 ) -> Response {
-    admin!(s, h);
     let images = s.servable().await;
     let u = HostUpdate {
         job: Some(job),
@@ -104,8 +71,7 @@ pub async fn set_job(
 }
 
 /// Re-images one host: a deployment of just that host.
-pub async fn reimage(State(s): State<AppState>, h: HeaderMap, Path(mac): Path<String>) -> Response {
-    admin!(s, h);
+pub async fn reimage(_: Admin, State(s): State<AppState>, Path(mac): Path<String>) -> Response {
     let req = StartRequest {
         hosts: vec![mac],
         ..Default::default()
@@ -119,35 +85,29 @@ pub struct LogQuery {
 }
 
 pub async fn log(
+    _: Admin,
     State(s): State<AppState>,
-    h: HeaderMap,
     Path(mac): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    admin!(s, h);
-    answer(
-        s.rooms
-            .log(&mac, q.deployment)
-            .map(|(deployment, lines)| HostLog {
-                mac,
-                deployment,
-                lines,
-            }),
-    )
+    answer(s.rooms.log(&mac, q.deployment).map(|l| HostLog {
+        mac,
+        deployment: l.deployment,
+        error: l.error,
+        lines: l.lines,
+    }))
 }
 
-pub async fn groups(State(s): State<AppState>, h: HeaderMap) -> Response {
-    admin!(s, h);
+pub async fn groups(_: Admin, State(s): State<AppState>) -> Response {
     answer(s.rooms.groups())
 }
 
 pub async fn put_group(
+    _: Admin,
     State(s): State<AppState>,
-    h: HeaderMap,
     Path(name): Path<String>,
     Json(mut g): Json<GroupInfo>,
 ) -> Response {
-    admin!(s, h);
     g.name = name;
     let images = s.servable().await;
     answer(
@@ -162,29 +122,36 @@ pub struct Page {
     before: Option<u64>,
     limit: Option<usize>,
     offset: Option<usize>,
+    /// "running", "done" or "stopped": those only.
+    state: Option<String>,
 }
 
-/// The history: deployments, newest first, 50 a page (`?before=ID`).
-pub async fn deployments(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Query(p): Query<Page>,
-) -> Response {
-    admin!(s, h);
+/// The history: deployments, newest first, 50 a page (`?before=ID`,
+/// `?state=running`).
+pub async fn deployments(_: Admin, State(s): State<AppState>, Query(p): Query<Page>) -> Response {
+    let state = match p.state.as_deref().map(|t| (t, DeploymentState::parse(t))) {
+        None => None,
+        Some((_, Some(st))) => Some(st),
+        Some((t, None)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("state {t:?}: not running, done or stopped"),
+            );
+        }
+    };
     answer(
         s.rooms
-            .deployments(p.limit.unwrap_or(50).min(500), p.before),
+            .deployments(p.limit.unwrap_or(50).min(500), p.before, state),
     )
 }
 
 /// One deployment with a page of its hosts (`?offset=&limit=`).
 pub async fn deployment(
+    _: Admin,
     State(s): State<AppState>,
-    h: HeaderMap,
     Path(id): Path<u64>,
     Query(p): Query<Page>,
 ) -> Response {
-    admin!(s, h);
     if !matches!(s.rooms.deployment(id), Ok(Some(_))) {
         return error(StatusCode::NOT_FOUND, format!("no deployment {id}"));
     }
@@ -198,34 +165,31 @@ pub async fn deployment(
     Json(v).into_response()
 }
 
-pub async fn start(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Json(req): Json<StartRequest>,
-) -> Response {
-    admin!(s, h);
+/// The room view of one deployment: a short tile per PC.
+pub async fn tiles(_: Admin, State(s): State<AppState>, Path(id): Path<u64>) -> Response {
+    match s.room(id) {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no deployment {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+pub async fn start(_: Admin, State(s): State<AppState>, Json(req): Json<StartRequest>) -> Response {
     answer(s.start(&req).await)
 }
 
-pub async fn schedules(State(s): State<AppState>, h: HeaderMap) -> Response {
-    admin!(s, h);
+pub async fn schedules(_: Admin, State(s): State<AppState>) -> Response {
     answer(s.schedules())
 }
 
-pub async fn end_schedule(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Path(id): Path<u64>,
-) -> Response {
-    admin!(s, h);
+pub async fn end_schedule(_: Admin, State(s): State<AppState>, Path(id): Path<u64>) -> Response {
     match s.rooms.end_schedule(id) {
         Ok(()) => Json(serde_json::json!({ "schedule": id, "ended": true })).into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, format!("{e:#}")),
     }
 }
 
-pub async fn stop(State(s): State<AppState>, h: HeaderMap, Path(id): Path<u64>) -> Response {
-    admin!(s, h);
+pub async fn stop(_: Admin, State(s): State<AppState>, Path(id): Path<u64>) -> Response {
     match s.rooms.stop(id) {
         Ok(()) => Json(serde_json::json!({ "deployment": id, "stopped": true })).into_response(),
         Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
@@ -233,8 +197,7 @@ pub async fn stop(State(s): State<AppState>, h: HeaderMap, Path(id): Path<u64>) 
 }
 
 /// Stops the newest running deployment (the API of one deployment at a time).
-pub async fn stop_newest(State(s): State<AppState>, h: HeaderMap) -> Response {
-    admin!(s, h);
+pub async fn stop_newest(_: Admin, State(s): State<AppState>) -> Response {
     let Some(id) = s.rooms.running().ok().and_then(|v| v.first().copied()) else {
         return error(StatusCode::CONFLICT, "no deployment is running");
     };

@@ -14,12 +14,15 @@ use super::state::ServerState;
 
 pub mod admin;
 pub mod agent;
+pub mod session;
 
 pub type AppState = Arc<ServerState>;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(super::dashboard::page))
+        .route("/login", post(session::login))
+        .route("/logout", post(session::logout))
         .route("/metrics", get(super::metrics::metrics))
         .route("/announce", get(announce))
         .route("/boot.ipxe", get(super::boot::ipxe_script))
@@ -41,6 +44,7 @@ pub fn router(state: AppState) -> Router {
             get(admin::deployments).post(admin::start),
         )
         .route("/api/v1/admin/deployments/{id}", get(admin::deployment))
+        .route("/api/v1/admin/deployments/{id}/tiles", get(admin::tiles))
         .route("/api/v1/admin/deployments/{id}/stop", post(admin::stop))
         .route("/api/v1/admin/schedules", get(admin::schedules))
         .route(

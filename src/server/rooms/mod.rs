@@ -351,9 +351,12 @@ impl Rooms {
         let busy: Vec<String> = members
             .iter()
             .filter_map(|m| {
+                // As `open_task`: a task left open in a deployment that
+                // is over (done once `expect` PCs were) holds nothing.
                 one(
                     &tx,
-                    "SELECT deployment FROM tasks WHERE mac = ?1 AND state IN ('pending','running')",
+                    "SELECT t.deployment FROM tasks t JOIN deployments d ON d.id = t.deployment \
+                     WHERE t.mac = ?1 AND t.state IN ('pending','running') AND d.state = 'running'",
                     [m],
                     |r| r.get::<_, i64>(0),
                 )
@@ -757,6 +760,7 @@ mod edit;
 mod view;
 
 pub use edit::StoredSchedule;
+pub use view::TaskLog;
 use view::{counts, strings};
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::protocol::admin::HostUpdate;
+use crate::protocol::admin::{HostInfo, HostUpdate};
 
 const ROOM: &str = "
 [[group]]
@@ -273,10 +273,10 @@ fn a_pcs_log_is_kept_bounded() {
         })
         .unwrap();
     }
-    let (d, lines) = r.log(C, None).unwrap();
-    assert_eq!(d, Some(id));
-    assert_eq!(lines.len(), LOG_LINES_KEPT as usize);
-    assert_eq!(lines.last().unwrap().line, "line 9/59");
+    let log = r.log(C, None).unwrap();
+    assert_eq!(log.deployment, Some(id));
+    assert_eq!(log.lines.len(), LOG_LINES_KEPT as usize);
+    assert_eq!(log.lines.last().unwrap().line, "line 9/59");
 }
 
 #[test]
@@ -292,4 +292,37 @@ fn made_up_macs_cannot_grow_the_database_without_bound() {
     }
     let unknown = r.hosts().unwrap().iter().filter(|h| !h.registered).count();
     assert_eq!(unknown as i64, MAX_UNREGISTERED);
+}
+
+#[test]
+fn host_pages_put_unknown_hosts_first_latest_on_top() {
+    let r = rooms("");
+    let other = "52:54:00:00:99:01";
+    r.boot(STRANGER, &mut |_| true).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    r.boot(other, &mut |_| true).unwrap();
+    let macs = |v: Vec<HostInfo>| v.into_iter().map(|h| h.mac).collect::<Vec<_>>();
+    assert_eq!(
+        macs(r.hosts().unwrap()),
+        [other, STRANGER, A, B, C],
+        "unknown first, the latest seen on top, then by MAC"
+    );
+    assert_eq!(macs(r.hosts_page(1, 2).unwrap()), [STRANGER, A]);
+    assert_eq!(macs(r.hosts_page(4, 10).unwrap()), [C]);
+}
+
+#[test]
+fn a_pc_left_over_when_expect_is_reached_can_be_deployed_again() {
+    let r = rooms("");
+    let req = StartRequest {
+        group: Some("room-1".into()),
+        expect: Some(1),
+        ..Default::default()
+    };
+    let id = r.start(&req, images).unwrap();
+    r.claim(A, &mut |_| true).unwrap();
+    assert!(report(&r, id, A, AgentState::Done).deployment_done);
+    // B never booted: its task is still open in a deployment that is done.
+    let again = r.start(&req, images).unwrap();
+    assert_eq!(r.claim(B, &mut |_| true).unwrap().deployment, again);
 }

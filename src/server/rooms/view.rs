@@ -62,15 +62,26 @@ impl Rooms {
         Ok(Some(d))
     }
 
-    /// Deployments, newest first: the history.
-    pub fn deployments(&self, limit: usize, before: Option<u64>) -> Result<Vec<DeploymentInfo>> {
+    /// Deployments, newest first: the history (those in `state` only, if
+    /// given).
+    pub fn deployments(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+        state: Option<DeploymentState>,
+    ) -> Result<Vec<DeploymentInfo>> {
         let c = self.db.lock();
         let mut st = c.prepare(&format!(
-            "{DEPLOYMENT_COLS} WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+            "{DEPLOYMENT_COLS} WHERE id < ?1 AND (?3 IS NULL OR state = ?3) \
+             ORDER BY id DESC LIMIT ?2"
         ))?;
         let mut v = st
             .query_map(
-                params![before.map_or(i64::MAX, |b| b as i64), limit as i64],
+                params![
+                    before.map_or(i64::MAX, |b| b as i64),
+                    limit as i64,
+                    state.map(|s| s.as_str())
+                ],
                 deployment_row,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -96,12 +107,21 @@ impl Rooms {
     }
 
     pub fn hosts(&self) -> Result<Vec<HostInfo>> {
+        self.hosts_page(0, usize::MAX)
+    }
+
+    /// A page of the hosts: unknown ones first, the latest seen on top,
+    /// then the registered ones by MAC.
+    pub fn hosts_page(&self, offset: usize, limit: usize) -> Result<Vec<HostInfo>> {
         let c = self.db.lock();
         let mut st = c.prepare(
-            "SELECT mac, name, grp, registered, job, exit, last_seen FROM hosts ORDER BY mac",
+            "SELECT mac, name, grp, registered, job, exit, last_seen FROM hosts \
+             ORDER BY registered, CASE WHEN registered = 0 THEN last_seen END DESC, mac \
+             LIMIT ?1 OFFSET ?2",
         )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut v = st
-            .query_map([], |r| {
+            .query_map(params![limit, offset as i64], |r| {
                 Ok(HostInfo {
                     mac: r.get("mac")?,
                     name: r.get("name")?,
@@ -149,19 +169,26 @@ impl Rooms {
         Ok(v)
     }
 
-    /// The last log lines of `mac`'s latest task (or of one deployment's).
-    pub fn log(&self, mac: &str, deployment: Option<u64>) -> Result<(Option<u64>, Vec<LogLine>)> {
+    /// The last log lines and the error of `mac`'s latest task (or of one
+    /// deployment's).
+    pub fn log(&self, mac: &str, deployment: Option<u64>) -> Result<TaskLog> {
         let mac = normalize_mac(mac)?;
         let c = self.db.lock();
-        let Some((task, dep)) = one(
+        let Some((task, dep, error)) = one(
             &c,
-            "SELECT id, deployment FROM tasks WHERE mac = ?1 AND (?2 IS NULL OR deployment = ?2) \
-             ORDER BY id DESC LIMIT 1",
+            "SELECT id, deployment, error FROM tasks WHERE mac = ?1 \
+             AND (?2 IS NULL OR deployment = ?2) ORDER BY id DESC LIMIT 1",
             params![mac, deployment.map(|d| d as i64)],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            },
         )?
         else {
-            return Ok((None, Vec::new()));
+            return Ok(TaskLog::default());
         };
         let mut st = c.prepare("SELECT at, line FROM task_log WHERE task = ?1 ORDER BY id")?;
         let lines = st
@@ -172,7 +199,11 @@ impl Rooms {
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok((Some(dep as u64), lines))
+        Ok(TaskLog {
+            deployment: Some(dep as u64),
+            error,
+            lines,
+        })
     }
 
     /// MACs of a group's members and where their magic packets go.
@@ -194,6 +225,14 @@ impl Rooms {
             v.into_iter().filter(|(m, _)| hosts.contains(m)).collect()
         })
     }
+}
+
+/// A task's log lines and error.
+#[derive(Debug, Default)]
+pub struct TaskLog {
+    pub deployment: Option<u64>,
+    pub error: Option<String>,
+    pub lines: Vec<LogLine>,
 }
 
 pub(super) fn counts(c: &Connection, deployment: u64) -> Result<TaskCounts> {
