@@ -69,6 +69,10 @@ struct Args {
     /// Also write the results as JSON to this file ("-": standard output).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Poll the logged-in dashboard's room view (the running deployment's
+    /// tiles) with this admin token, instead of the public deployment view.
+    #[arg(long)]
+    admin_token: Option<String>,
 }
 
 /// A request that takes longer counts as an error ("timeout").
@@ -220,6 +224,8 @@ struct Conn<'a> {
     ctx: &'a Ctx,
     local: IpAddr,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// `Authorization` header value, for the admin API.
+    auth: Option<String>,
 }
 
 impl<'a> Conn<'a> {
@@ -228,6 +234,7 @@ impl<'a> Conn<'a> {
             ctx,
             local,
             sender: None,
+            auth: None,
         }
     }
 
@@ -267,6 +274,9 @@ impl<'a> Conn<'a> {
                 .header(hyper::header::HOST, host);
             if body.is_some() {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            if let Some(a) = &self.auth {
+                req = req.header(hyper::header::AUTHORIZATION, a);
             }
             let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
             let resp = self.connect().await?.send_request(req).await?;
@@ -510,6 +520,8 @@ async fn announce(
 /// The dashboard: the deployment view every second.
 async fn dashboard(ctx: &Ctx) {
     let mut c = Conn::new(ctx, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    c.auth = ctx.args.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut room: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -517,12 +529,31 @@ async fn dashboard(ctx: &Ctx) {
             _ = tick.tick() => {}
             _ = sleep_until(ctx.end) => return,
         }
-        let Some(b) = c.get(Endpoint::Deployment, "/api/v1/deployment").await else {
+        // Logged in, the dashboard polls its room's tiles; else the public view.
+        if c.auth.is_some() && room.is_none() {
+            let list = c
+                .get(
+                    Endpoint::Deployment,
+                    "/api/v1/admin/deployments?state=running&limit=1",
+                )
+                .await;
+            room = list
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v[0]["id"].as_u64())
+                .map(|id| format!("/api/v1/admin/deployments/{id}/tiles"));
+        }
+        let path = room.as_deref().unwrap_or("/api/v1/deployment");
+        let Some(b) = c.get(Endpoint::Deployment, path).await else {
             continue;
         };
         let hosts = serde_json::from_slice::<serde_json::Value>(&b)
             .ok()
-            .and_then(|v| v["hosts"].as_array().map(Vec::len))
+            .and_then(|v| {
+                v["hosts"]
+                    .as_array()
+                    .or_else(|| v["tiles"].as_array())
+                    .map(Vec::len)
+            })
             .unwrap_or(0);
         let mut s = ctx.stats.lock().unwrap_or_else(|p| p.into_inner());
         let max = s.total.get(&Endpoint::Deployment).map_or(0, |x| x.max_body);
