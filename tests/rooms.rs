@@ -249,3 +249,21 @@ fn two_rooms_deploy_two_images_at_once() {
         assert_eq!(v["tasks"]["done"], 2, "{v}");
     }
 }
+
+#[test]
+fn the_admin_command_says_when_the_server_is_unreachable() {
+    let port = free_port();
+    let out = std::process::Command::new(bin())
+        .args(["admin", "--json", "hosts"])
+        .env("BLOCKSWARM_SERVER", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot reach the server at http://127.0.0.1:{port}"
+        )) && err.contains("BLOCKSWARM_SERVER"),
+        "{err}"
+    );
+}
