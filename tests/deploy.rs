@@ -278,16 +278,7 @@ fn agents_survive_the_server_vanishing() {
             (Agent::start(&srv.url, &mac(i), &tgt), tgt)
         })
         .collect();
-    srv.wait_for(
-        |v| {
-            v["hosts"].as_array().is_some_and(|h| {
-                h.len() == 3
-                    && h.iter()
-                        .all(|h| h["done_bytes"].as_u64().unwrap_or(0) > 4 << 20)
-            })
-        },
-        "the hosts to get going",
-    );
+    srv.wait_hosts_past(3, 4 << 20);
     drop(srv);
     std::thread::sleep(Duration::from_secs(4));
     for (a, _) in &mut agents {

@@ -146,16 +146,7 @@ fn a_server_killed_mid_deployment_carries_on_with_the_same_deployment() {
             (Agent::start(&srv.url, m, &tgt), tgt)
         })
         .collect();
-    srv.wait_for(
-        |v| {
-            v["hosts"].as_array().is_some_and(|h| {
-                h.len() == 3
-                    && h.iter()
-                        .all(|h| h["done_bytes"].as_u64().unwrap_or(0) > 2 << 20)
-            })
-        },
-        "the hosts to get going",
-    );
+    srv.wait_hosts_past(3, 2 << 20);
     // kill -9: no chance to save anything.
     let mut srv = srv;
     srv.proc.0.kill().unwrap();

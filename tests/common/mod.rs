@@ -381,6 +381,21 @@ impl Server {
         }
     }
 
+    /// Waits until `n` hosts are in the deployment, each with more than
+    /// `bytes` written.
+    pub fn wait_hosts_past(&self, n: usize, bytes: u64) {
+        self.wait_for(
+            |v| {
+                v["hosts"].as_array().is_some_and(|h| {
+                    h.len() == n
+                        && h.iter()
+                            .all(|h| h["done_bytes"].as_u64().unwrap_or(0) > bytes)
+                })
+            },
+            "the hosts to get going",
+        );
+    }
+
     /// Waits until image `name` is seeding.
     pub fn wait_seeding(&self, name: &str) {
         self.wait_for(
