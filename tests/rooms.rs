@@ -76,7 +76,7 @@ fn a_pc_is_imaged_once_then_boots_its_disk_and_strangers_never_join() {
     let s = boot_script(&srv, A, "pcbios");
     assert!(s.contains("kernel ") && s.contains("BOOTIF="), "{s}");
     let s = boot_script(&srv, STRANGER, "efi");
-    assert!(s.ends_with("\nexit\n") && !s.contains("kernel "), "{s}");
+    assert!(s.ends_with("\nexit 1\n") && !s.contains("kernel "), "{s}");
     assert!(s.contains("is not registered"), "{s}");
     let (code, why) = job_error(&srv, STRANGER);
     assert_eq!(code, 404, "{why}");
