@@ -8,9 +8,15 @@
 #   qlab_net TAP...        namespace, bridge, taps, DHCP/TFTP (E2E_PXE)
 #   qlab_accel             sets accel: kvm only if the firmware PXE-boots
 #                          under it here (E2E_ACCEL=auto|tcg|kvm), else tcg
-#   qlab_server CONF       writes CONF's job part after the common server
-#                          settings to $work/server.toml, starts the server
-#   qemu_pc NAME ACCEL FW NIC MAC DISK-ARGS...   a PC (bios|uefi) on tap<N>
+#   qlab_server CONF [N|none]  writes CONF (groups, jobs) after the common
+#                          server settings to $work/server.toml, starts the
+#                          server: with a deployment open to any PC that
+#                          network-boots (serve --deploy N, the default 0),
+#                          or none (an admin starts one: qlab_admin start)
+#   qlab_admin ARGS...     `blockswarm admin` against the server, with its token
+#   qemu_pc NAME ACCEL FW NIC MAC DISK-ARGS...   a PC (bios|uefi) on tap<N>;
+#                          its NIC boots at place $pc_nic_boot (bootindex: 2,
+#                          after a disk given 1; 1: network first)
 #   disk FILE DEVICE SERIAL [BOOTINDEX]          its -drive/-device arguments
 #   seen PC TEXT           whether PC's serial console printed TEXT
 #   nsx CMD...             runs CMD in the namespace
@@ -20,6 +26,7 @@
 export PATH=$PATH:/usr/sbin:/sbin
 net=10.77.0
 srv=http://$net.1:8080
+pc_nic_boot=2
 pids=()
 log() { printf '%s %s: %s\n' "$(date +%T)" "$qlab_name" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -122,11 +129,17 @@ qemu_pc() { # NAME ACCEL FIRMWARE(bios|uefi) NIC[,OPTS] MAC DISK-ARGS...
   local args=(-name "$name" -accel "$acc" -m 1024 -smp 1 -nographic -monitor none
     -serial "file:$work/$name.log"
     -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no"
-    -device "$nic,netdev=n0,mac=$mac,bootindex=2")
+    -device "$nic,netdev=n0,mac=$mac,bootindex=$pc_nic_boot")
   if [ "$fw" = uefi ]; then
+    # Its NVRAM lives as long as $work: the boot order stays across reboots.
     [ -f "$work/$name-vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS.fd "$work/$name-vars.fd"
+    # Network boot over IPv4 PXE only, as a room's firmware is set up: else,
+    # once iPXE hands back, OVMF tries PXE and HTTP boot over IPv6 before
+    # the disk (HTTP boot over IPv4 it still tries: about 60 s).
     args+=(-machine q35 -drive "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd"
-      -drive "if=pflash,format=raw,file=$work/$name-vars.fd")
+      -drive "if=pflash,format=raw,file=$work/$name-vars.fd"
+      -fw_cfg name=opt/org.tianocore/IPv6Support,string=no
+      -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=no)
   fi
   bgns qemu-system-x86_64 "${args[@]}" "$@" </dev/null 2>"$work/$name.qemu.err"
 }
@@ -159,11 +172,16 @@ qlab_accel() {
   log "KVM probe: using $accel"
 }
 
-# qlab_server EXTRA [DEPLOY-N]: the server with EXTRA (boot_args, the job)
-# after the common settings; waits until it serves the boot files.
+# qlab_server EXTRA [DEPLOY-N|none]: the server with EXTRA (boot_args,
+# groups, jobs) after the common settings; waits until it serves the boot
+# files. Its log shows every boot decision (boot.rs logs disk boots at debug).
 qlab_server() {
+  local deploy=(--deploy "${2:-0}")
+  [ "${2:-}" = none ] && deploy=()
+  qlab_token=${qlab_token:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
   cat >"$work/server.toml" <<CONF
 listen = "$net.1:8080"
+admin_token = "$qlab_token"
 public_url = "$srv"
 images = "$work/images"
 state_dir = "$work/state"
@@ -171,12 +189,15 @@ seed_listen = "$net.1:6881"
 boot_dir = "$work/boot"
 $1
 CONF
-  bgns "$bin" serve --config "$work/server.toml" --deploy "${2:-0}" >>"$work/server.log" 2>&1
+  bgns env RUST_LOG=info,blockswarm::server::boot=debug \
+    "$bin" serve --config "$work/server.toml" "${deploy[@]}" >>"$work/server.log" 2>&1
   srv_pid=${pids[-1]}
   local i
   for i in $(seq 50); do
     nsx curl -sf --max-time 2 "$srv/boot.ipxe" -o "$work/boot.ipxe" && break
     sleep 0.2
   done
-  grep -q "blockswarm.server=$srv" "$work/boot.ipxe" || die "the server does not serve /boot.ipxe"
+  # Without a MAC, the script that asks again with it.
+  grep -qF "$srv/boot.ipxe?mac=" "$work/boot.ipxe" || die "the server does not serve /boot.ipxe"
 }
+qlab_admin() { nsx "$bin" admin --server "$srv" --token "$qlab_token" "$@"; }

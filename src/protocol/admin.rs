@@ -9,13 +9,13 @@ use super::{AgentState, DiskIdentity, Job};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExitType {
-    /// UEFI: `exit` (the firmware tries its next boot entry); BIOS:
-    /// `sanboot` of the first hard disk.
+    /// UEFI: `exit 1` (a failure: the firmware tries its next boot entry);
+    /// BIOS: `sanboot` of the first hard disk.
     #[default]
     Auto,
     /// `sanboot --no-describe --drive 0x80`: the first BIOS disk.
     Sanboot,
-    /// Hand back to the firmware, which boots its next entry.
+    /// Hand back to the firmware (`exit 1`), which boots its next entry.
     Exit,
 }
 

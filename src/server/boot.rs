@@ -62,29 +62,39 @@ pub async fn ipxe_script(
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-/// The script that asks the server what this PC is to do.
+/// The script that asks the server what this PC is to do. Only a failed
+/// fetch falls back to the disk here: when the server's script hands back
+/// (`exit 1` to boot the disk on UEFI, or a failed `sanboot`), so does
+/// this one, at once.
 pub fn ask_script(base: &str) -> String {
     let base = base.trim_end_matches('/');
     format!(
         "#!ipxe\n\
          # blockswarm network boot: ask the server what this PC does\n\
-         chain {base}/boot.ipxe?mac=${{netX/mac:hexhyp}}&platform=${{platform}} || goto failed\n\
+         imgfetch --name decision {base}/boot.ipxe?mac=${{netX/mac:hexhyp}}&platform=${{platform}} || goto failed\n\
+         imgexec decision\n\
+         exit 1\n\
          :failed\n\
          echo blockswarm: the server {base} did not answer; booting the disk in 10 s\n\
          sleep 10\n\
-         sanboot --no-describe --drive 0x80 || exit\n"
+         sanboot --no-describe --drive 0x80 || exit 1\n"
     )
 }
 
 /// The script that boots the PC's own disk. `why` is shown on its screen
 /// (only what iPXE prints plainly: no `$`, no newline).
+///
+/// iPXE hands back with `exit 1`, a failure: UEFI firmware then tries its
+/// next boot entry (the disk), as the UEFI spec says; on `exit` (success)
+/// EDK2 and many vendors' firmware stop at their boot menu instead
+/// (OVMF shows its setup screen: scripts/e2e-qemu). BIOS ignores the code.
 pub fn local_script(exit: ExitType, platform: Option<&str>, why: &str) -> String {
     let efi = platform.is_some_and(|p| p.eq_ignore_ascii_case("efi"));
     let boot = match exit {
-        ExitType::Sanboot => "sanboot --no-describe --drive 0x80 || exit",
-        ExitType::Exit => "exit",
-        ExitType::Auto if efi => "exit",
-        ExitType::Auto => "sanboot --no-describe --drive 0x80 || exit",
+        ExitType::Sanboot => "sanboot --no-describe --drive 0x80 || exit 1",
+        ExitType::Exit => "exit 1",
+        ExitType::Auto if efi => "exit 1",
+        ExitType::Auto => "sanboot --no-describe --drive 0x80 || exit 1",
     };
     let why: String = why
         .chars()
@@ -183,17 +193,17 @@ mod tests {
     fn idle_hosts_boot_their_disk_as_their_exit_type_says() {
         let bios = local_script(ExitType::Auto, Some("pcbios"), "done");
         assert!(
-            bios.contains("\nsanboot --no-describe --drive 0x80 || exit\n"),
+            bios.contains("\nsanboot --no-describe --drive 0x80 || exit 1\n"),
             "{bios}"
         );
         let efi = local_script(ExitType::Auto, Some("efi"), "done");
         assert!(
-            efi.ends_with("\nexit\n") && !efi.contains("sanboot"),
+            efi.ends_with("\nexit 1\n") && !efi.contains("sanboot"),
             "{efi}"
         );
         let forced = local_script(ExitType::Sanboot, Some("efi"), "x");
         assert!(forced.contains("sanboot"), "{forced}");
-        assert!(local_script(ExitType::Exit, None, "x").ends_with("\nexit\n"));
+        assert!(local_script(ExitType::Exit, None, "x").ends_with("\nexit 1\n"));
         // What the server prints cannot become iPXE commands or settings.
         let s = local_script(ExitType::Exit, None, "a\nkernel http://x/${evil}");
         assert!(!s.contains("\nkernel") && !s.contains("${evil}"), "{s}");
@@ -204,8 +214,18 @@ mod tests {
         let s = ask_script("http://10.0.0.1:8080/");
         assert!(
             s.contains(
-                "chain http://10.0.0.1:8080/boot.ipxe?mac=${netX/mac:hexhyp}&platform=${platform}"
+                "imgfetch --name decision \
+                 http://10.0.0.1:8080/boot.ipxe?mac=${netX/mac:hexhyp}&platform=${platform} \
+                 || goto failed\n"
             ),
+            "{s}"
+        );
+        // The server's answer hands back: so does this script, without
+        // falling through to the no-server path (10 s and a wrong message).
+        assert!(s.contains("\nimgexec decision\nexit 1\n:failed\n"), "{s}");
+        // No server: the disk, handing back with a failure on UEFI.
+        assert!(
+            s.ends_with("\nsanboot --no-describe --drive 0x80 || exit 1\n"),
             "{s}"
         );
     }
