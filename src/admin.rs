@@ -76,6 +76,11 @@ pub enum AdminCmd {
         /// e.g. 10.0.12.255:9.
         #[arg(long)]
         wake: Option<std::net::SocketAddr>,
+        /// Name the members with no name of their own from this template:
+        /// {slot} or {slot:02} (1-based position in the group), {mac},
+        /// {group}; e.g. "lab12-{slot:02}".
+        #[arg(long)]
+        hostname: Option<String>,
     },
     /// Start a deployment: a group, listed hosts, or every registered host.
     Start {
@@ -421,7 +426,11 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             job,
             exit,
             wake,
+            hostname,
         } => {
+            if let Some(t) = &hostname {
+                crate::protocol::hostname::check_template(t, &name)?;
+            }
             let current: Vec<GroupInfo> =
                 serde_json::from_value(api.get("/api/v1/admin/groups").await?)?;
             let mut g = current
@@ -433,6 +442,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                     exit: None,
                     wake: None,
                     members: Vec::new(),
+                    hostname: None,
                 });
             g.members = members;
             if let Some(j) = &job {
@@ -443,6 +453,9 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             }
             if wake.is_some() {
                 g.wake = wake;
+            }
+            if hostname.is_some() {
+                g.hostname = hostname;
             }
             api.send(Method::PUT, &format!("/api/v1/admin/groups/{name}"), &g)
                 .await?;

@@ -115,6 +115,9 @@ pub struct GroupConfig {
     pub exit: Option<ExitType>,
     /// The subnet's directed broadcast, e.g. "10.0.12.255:9".
     pub wake: Option<SocketAddr>,
+    /// Names the members that have no `[[host]] name`: "lab12-{slot:02}",
+    /// with {slot} (1-based position in `members`), {mac}, {group}.
+    pub hostname: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -175,6 +178,10 @@ impl ServerConfig {
         for h in &mut c.hosts {
             h.mac = normalize_mac(&h.mac)
                 .with_context(|| format!("host {:?}", h.name.as_deref().unwrap_or(&h.mac)))?;
+            if let Some(n) = &h.name {
+                crate::protocol::hostname::check(n, false)
+                    .with_context(|| format!("host {}: name", h.mac))?;
+            }
         }
         let mut macs: Vec<&str> = c.hosts.iter().map(|h| h.mac.as_str()).collect();
         macs.sort();
@@ -189,6 +196,10 @@ impl ServerConfig {
             }
             if !names.insert(g.name.clone()) {
                 bail!("group {:?} is listed twice", g.name);
+            }
+            if let Some(t) = &g.hostname {
+                crate::protocol::hostname::check_template(t, &g.name)
+                    .with_context(|| format!("group {:?}: hostname", g.name))?;
             }
             for m in &mut g.members {
                 *m = normalize_mac(m).with_context(|| format!("group {:?}", g.name))?;
