@@ -37,6 +37,12 @@ impl Mounts {
     /// Mounts every ext2/3/4 and NTFS partition of `manifest` on `target`
     /// under `root/<number>`.
     pub fn all(target: &Path, manifest: &Manifest, root: &Path) -> Result<Self> {
+        // In the initramfs these are modules no device asks udev for; where
+        // they are built in (or absent) this fails and mount says why.
+        let _ = super::run_bounded(
+            Command::new("modprobe").args(["-a", "-q", "loop", "ext4", "fuse"]),
+            Duration::from_secs(30),
+        );
         let mut m = Mounts { list: Vec::new() };
         for r in &manifest.regions {
             let (Some(n), Some(fs)) = (r.partition, &r.fs) else {
