@@ -102,9 +102,6 @@ impl Rooms {
         }
         // The admin naming a MAC knows it.
         tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&mac])?;
-        if let Some(n) = &u.name {
-            crate::protocol::hostname::check(n, false)?;
-        }
         if let Some(g) = &u.group {
             join_group(&tx, &mac, g)?;
         }

@@ -720,6 +720,9 @@ fn host_name(tx: &Connection, mac: &str) -> Result<(Result<Option<String>, Strin
         return Ok((Ok(None), 0));
     };
     let slot = slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(0);
+    // A name that is not a host name (an older label such as "PC 7 (front)")
+    // stays the dashboard's label and is not written into the system.
+    let own = own.filter(|n| crate::protocol::hostname::check(n, false).is_ok());
     let name = match (own, grp, template) {
         (Some(n), _, _) => Ok(Some(n)),
         (None, Some(g), Some(t)) if slot > 0 => {

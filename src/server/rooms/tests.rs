@@ -349,6 +349,12 @@ name = \"teacher\"
     r.put_group(&g, images).unwrap();
     let members = r.groups().unwrap().remove(0).members;
     assert_eq!(members[..2], ["52:54:00:00:12:02", "52:54:00:00:12:01"]);
+    // A label that is no host name is not written: the template names it.
+    let label = HostUpdate {
+        name: Some("front row".into()),
+        ..Default::default()
+    };
+    r.update_host("52:54:00:00:12:03", &label, images).unwrap();
     let d = start(&r, "lab12");
     let claim = |mac: &str| {
         let c = r.claim(mac, &mut |_| true).unwrap();
