@@ -254,7 +254,11 @@ impl Api {
 fn read_job(path: &PathBuf) -> Result<Job> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("the job in {}", path.display()))
+    let job: Job =
+        toml::from_str(&text).with_context(|| format!("the job in {}", path.display()))?;
+    job.check()
+        .with_context(|| format!("the job in {}", path.display()))?;
+    Ok(job)
 }
 
 fn when(ms: Option<i64>) -> String {

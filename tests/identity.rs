@@ -329,6 +329,8 @@ fn two_pcs_named_from_a_template_with_a_hook() {
         let slot = i + 1;
         let name = format!("lab12-{slot:02}");
         assert_released(tgt);
+        let mnt = format!("/run/blockswarm/mnt-{}", a.proc.0.id());
+        assert!(!Path::new(&mnt).exists(), "{mnt} is left behind");
         assert_eq!(
             ext_cat(t.path(), tgt, P1, "/etc/hostname"),
             format!("{name}\n")
@@ -515,6 +517,17 @@ fn bad_templates_and_hook_names_are_refused() {
         e.contains("group \"lab\": hostname") && e.contains("holds '_'"),
         "{e}"
     );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    for (job, says) in [
+        ("hooks = [\"../x.sh\"]", "hook name \"../x.sh\""),
+        ("hooks = [\"a.sh\"]\nhook_timeout = 0", "hook_timeout: 0 s"),
+    ] {
+        let bad = text.replace("lab_{slot}", "lab-{slot}")
+            + &format!("[group.job]\nimage = \"lab\"\n{job}\n");
+        std::fs::write(&cfg, bad).unwrap();
+        let e = bs_err(&["serve", "--config", cfg.to_str().unwrap(), "--check"]);
+        assert!(e.contains("group \"lab\": job") && e.contains(says), "{e}");
+    }
 
     let srv = Server::start(t.path(), None, "");
     let e = bs_err(&[

@@ -72,6 +72,27 @@ fn default_hook_timeout() -> u64 {
 }
 
 impl Job {
+    /// The longest `hook_timeout` accepted, in seconds.
+    pub const MAX_HOOK_TIMEOUT: u64 = 6 * 3600;
+
+    /// Checks what serde cannot: the hooks' names, count and time limit.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.hooks.len() > MAX_HOOKS {
+            anyhow::bail!("hooks: {} named; at most {MAX_HOOKS}", self.hooks.len());
+        }
+        for h in &self.hooks {
+            check_hook_name(h)?;
+        }
+        if !(1..=Self::MAX_HOOK_TIMEOUT).contains(&self.hook_timeout) {
+            anyhow::bail!(
+                "hook_timeout: {} s; 1 to {} s",
+                self.hook_timeout,
+                Self::MAX_HOOK_TIMEOUT
+            );
+        }
+        Ok(())
+    }
+
     /// The job that writes `image` with every other setting at its default.
     pub fn for_image(image: &str) -> Self {
         Self {

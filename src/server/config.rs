@@ -204,6 +204,20 @@ impl ServerConfig {
                 }
             }
         }
+        if let Some(j) = &c.default_job {
+            j.check().context("default_job")?;
+        }
+        for h in &c.hosts {
+            if let Some(j) = &h.job {
+                j.check().with_context(|| format!("host {}: job", h.mac))?;
+            }
+        }
+        for g in &c.groups {
+            if let Some(j) = &g.job {
+                j.check()
+                    .with_context(|| format!("group {:?}: job", g.name))?;
+            }
+        }
         if c.tracker.starts_with("udp://") {
             bail!(
                 "tracker: {:?}: UDP trackers (BEP 15) are not supported; use \"builtin\", \

@@ -107,7 +107,9 @@ fn run_one(cmd: &mut Command, name: &str, limit: Duration) -> Result<Outcome> {
         .spawn()
         .with_context(|| format!("starting hook {name}"))?;
     let pgid = Pid::from_raw(child.id() as i32);
-    let readers: Vec<_> = [
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut readers = 0;
+    let outs = [
         child
             .stdout
             .take()
@@ -116,14 +118,15 @@ fn run_one(cmd: &mut Command, name: &str, limit: Duration) -> Result<Outcome> {
             .stderr
             .take()
             .map(|e| Box::new(e) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|r| {
-        let name = name.to_string();
-        std::thread::spawn(move || log_lines(r, &name))
-    })
-    .collect();
+    ];
+    for r in outs.into_iter().flatten() {
+        let (name, done) = (name.to_string(), done_tx.clone());
+        std::thread::spawn(move || {
+            log_lines(r, &name);
+            let _ = done.send(());
+        });
+        readers += 1;
+    }
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -140,8 +143,14 @@ fn run_one(cmd: &mut Command, name: &str, limit: Duration) -> Result<Outcome> {
     if status.is_none() {
         let _ = child.wait();
     }
-    for r in readers {
-        let _ = r.join();
+    // A process that left the group (setsid) may hold the pipes open: its
+    // output is not waited for past a few seconds.
+    let until = Instant::now() + Duration::from_secs(5);
+    for _ in 0..readers {
+        let left = until.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            break;
+        }
     }
     Ok(match status {
         None => Outcome::TimedOut,

@@ -31,6 +31,7 @@ pub struct Mounted {
 /// their loop devices (`finish` does the same and checks the file systems).
 pub struct Mounts {
     pub list: Vec<Mounted>,
+    root: PathBuf,
 }
 
 impl Mounts {
@@ -43,7 +44,10 @@ impl Mounts {
             Command::new("modprobe").args(["-a", "-q", "loop", "ext4", "fuse"]),
             Duration::from_secs(30),
         );
-        let mut m = Mounts { list: Vec::new() };
+        let mut m = Mounts {
+            list: Vec::new(),
+            root: root.to_owned(),
+        };
         for r in &manifest.regions {
             let (Some(n), Some(fs)) = (r.partition, &r.fs) else {
                 continue;
@@ -72,6 +76,7 @@ impl Mounts {
             detach(p);
         }
         self.list.clear();
+        let _ = std::fs::remove_dir(&self.root);
         Ok(())
     }
 }
@@ -84,6 +89,7 @@ impl Drop for Mounts {
             }
             detach(p);
         }
+        let _ = std::fs::remove_dir(&self.root);
     }
 }
 

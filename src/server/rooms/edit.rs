@@ -87,10 +87,11 @@ impl Rooms {
         has_image: impl Fn(&str) -> bool,
     ) -> Result<()> {
         let mac = normalize_mac(mac)?;
-        if let Some(j) = &u.job
-            && !has_image(&j.image)
-        {
-            bail!("image {:?} is not in the store", j.image);
+        if let Some(j) = &u.job {
+            j.check()?;
+            if !has_image(&j.image) {
+                bail!("image {:?} is not in the store", j.image);
+            }
         }
         let mut c = self.db.lock();
         let tx = c.transaction()?;
@@ -126,10 +127,11 @@ impl Rooms {
         if g.name.is_empty() || g.name.len() > 64 {
             bail!("a group's name is 1 to 64 characters");
         }
-        if let Some(j) = &g.job
-            && !has_image(&j.image)
-        {
-            bail!("image {:?} is not in the store", j.image);
+        if let Some(j) = &g.job {
+            j.check()?;
+            if !has_image(&j.image) {
+                bail!("image {:?} is not in the store", j.image);
+            }
         }
         if let Some(t) = &g.hostname {
             crate::protocol::hostname::check_template(t, &g.name)?;
