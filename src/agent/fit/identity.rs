@@ -63,10 +63,24 @@ pub fn write(mounts: &Mounts, name: &str) -> Result<()> {
 }
 
 fn is_linux_root(dir: &Path) -> bool {
-    let etc = dir.join("etc");
-    etc.symlink_metadata().is_ok_and(|m| m.is_dir())
-        && (etc.join("os-release").symlink_metadata().is_ok()
-            || etc.join("hostname").symlink_metadata().is_ok())
+    real_dir(dir, "etc").is_some_and(|etc| {
+        etc.join("os-release").symlink_metadata().is_ok()
+            || etc.join("hostname").symlink_metadata().is_ok()
+    })
+}
+
+/// `root/rel` when every component of `rel` is a directory and none a
+/// symlink: the deployed system's links point into its own root, which is
+/// not ours (an absolute one would lead into the agent's).
+fn real_dir(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut p = root.to_path_buf();
+    for c in rel.split('/') {
+        p.push(c);
+        if !p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            return None;
+        }
+    }
+    Some(p)
 }
 
 /// Replaces `path` with a regular file holding `text`: a symlink in the
@@ -90,13 +104,15 @@ fn get(path: &Path) -> Result<String> {
 }
 
 fn linux(root: &Path, name: &str) -> Result<()> {
-    let etc = root.join("etc");
+    let Some(etc) = real_dir(root, "etc") else {
+        bail!("etc is not a directory");
+    };
     put(&etc.join("hostname"), &format!("{name}\n"))?;
     let hosts = get(&etc.join("hosts"))?;
     put(&etc.join("hosts"), &hosts_with(&hosts, name))?;
     put(&etc.join("machine-id"), &format!("{}\n", machine_id()?))?;
-    let dbus = root.join("var/lib/dbus/machine-id");
-    if dbus.symlink_metadata().is_ok_and(|m| m.is_file()) {
+    let dbus = real_dir(root, "var/lib/dbus").map(|d| d.join("machine-id"));
+    if let Some(dbus) = dbus.filter(|d| d.symlink_metadata().is_ok_and(|m| m.is_file())) {
         std::fs::remove_file(&dbus).with_context(|| format!("removing {}", dbus.display()))?;
     }
     Ok(())
@@ -137,12 +153,17 @@ fn machine_id() -> Result<String> {
 /// Windows does (NTFS keeps the case it was given).
 fn find_ci(dir: &Path, parts: &[&str]) -> Option<PathBuf> {
     let mut p = dir.to_path_buf();
-    for part in parts {
+    for (i, part) in parts.iter().enumerate() {
         let e = std::fs::read_dir(&p)
             .ok()?
             .flatten()
             .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(part))?;
         p = e.path();
+        // A junction (a symlink here) is not followed.
+        let dir = p.symlink_metadata().ok()?.is_dir();
+        if i + 1 < parts.len() && !dir {
+            return None;
+        }
     }
     p.symlink_metadata().is_ok_and(|m| m.is_file()).then_some(p)
 }
@@ -234,6 +255,36 @@ mod tests {
             hosts_with("127.0.0.1 localhost\n", "x1"),
             "127.0.0.1 localhost\n127.0.1.1\tx1\n"
         );
+    }
+
+    #[test]
+    fn symlinked_directories_are_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(outside.join("dbus")).unwrap();
+        std::fs::write(outside.join("dbus/machine-id"), "keep").unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("var")).unwrap();
+        std::fs::write(root.join("etc/hostname"), "old\n").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("var/lib")).unwrap();
+        assert!(is_linux_root(&root));
+        linux(&root, "pc-1").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "pc-1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(outside.join("dbus/machine-id")).unwrap(),
+            "keep"
+        );
+        // An etc that is a link is no root to name.
+        let other = t.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(root.join("etc"), other.join("etc")).unwrap();
+        assert!(!is_linux_root(&other));
+        assert!(find_ci(&other, &["ETC", "hostname"]).is_none());
+        assert!(find_ci(&root, &["ETC", "HOSTNAME"]).is_some());
     }
 
     #[test]
