@@ -574,3 +574,25 @@ fn bad_templates_and_hook_names_are_refused() {
     let (code, body) = http_get(&format!("{}/hooks/none.sh", srv.url));
     assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
 }
+
+#[test]
+fn a_name_too_long_for_windows_gets_no_job() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[[host]]\nmac = \"{}\"\nname = \"classroom-pc-0001\"\n[host.job]\nimage = \"lab\"\n{TEST_JOB}",
+        mac(1)
+    );
+    let (srv, size) = setup(t.path(), &[], &cfg);
+    let tgt = t.path().join("pc1.img");
+    blank_target(&tgt, size, true);
+    let a = Agent::start(&srv.url, &mac(1), &tgt);
+    a.wait_log(
+        "\"classroom-pc-0001\" has 17 characters; at most 15 for a Windows image",
+        60,
+    );
+    let bytes = std::fs::read(&tgt).unwrap();
+    assert!(
+        bytes.iter().all(|&b| b == MARK),
+        "the target was written to"
+    );
+}
