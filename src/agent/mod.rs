@@ -202,14 +202,26 @@ async fn deploy(
         .await?
         .map_err(|e| DiskFailed(format!("{e:#}")))?;
     info!("{} is imaged, read back and bootable", path.display());
-    fit::run(&fit::Fit {
+    // Hooks may run for minutes: the server keeps hearing from this host,
+    // and gets their output as it comes.
+    let fit = fit::Fit {
         job,
         image: &image,
         target: &path,
         mnt: mount_root(opts),
         client,
-    })
-    .await?;
+    };
+    let fitting = fit::run(&fit);
+    tokio::pin!(fitting);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = &mut fitting => break r?,
+            _ = tick.tick() => {
+                rep.send(AgentState::Finishing, Some(&torrent), None).await;
+            }
+        }
+    }
 
     seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
     session.stop().await;
