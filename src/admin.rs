@@ -76,6 +76,11 @@ pub enum AdminCmd {
         /// e.g. 10.0.12.255:9.
         #[arg(long)]
         wake: Option<std::net::SocketAddr>,
+        /// Name the members with no name of their own from this template:
+        /// {slot} or {slot:02} (1-based position in the group), {mac},
+        /// {group}; e.g. "lab12-{slot:02}".
+        #[arg(long)]
+        hostname: Option<String>,
     },
     /// Start a deployment: a group, listed hosts, or every registered host.
     Start {
@@ -249,7 +254,11 @@ impl Api {
 fn read_job(path: &PathBuf) -> Result<Job> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("the job in {}", path.display()))
+    let job: Job =
+        toml::from_str(&text).with_context(|| format!("the job in {}", path.display()))?;
+    job.check()
+        .with_context(|| format!("the job in {}", path.display()))?;
+    Ok(job)
 }
 
 fn when(ms: Option<i64>) -> String {
@@ -421,7 +430,11 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             job,
             exit,
             wake,
+            hostname,
         } => {
+            if let Some(t) = &hostname {
+                crate::protocol::hostname::check_template(t, &name)?;
+            }
             let current: Vec<GroupInfo> =
                 serde_json::from_value(api.get("/api/v1/admin/groups").await?)?;
             let mut g = current
@@ -433,6 +446,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                     exit: None,
                     wake: None,
                     members: Vec::new(),
+                    hostname: None,
                 });
             g.members = members;
             if let Some(j) = &job {
@@ -443,6 +457,9 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             }
             if wake.is_some() {
                 g.wake = wake;
+            }
+            if hostname.is_some() {
+                g.hostname = hostname;
             }
             api.send(Method::PUT, &format!("/api/v1/admin/groups/{name}"), &g)
                 .await?;

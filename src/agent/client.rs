@@ -94,6 +94,29 @@ impl Client {
             .to_vec())
     }
 
+    /// A post-deploy hook's script, at most [`crate::protocol::MAX_HOOK_BYTES`].
+    pub async fn fetch_hook(&self, name: &str) -> Result<Vec<u8>> {
+        let url = self.url(&format!("/hooks/{name}"));
+        let mut r = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        if !r.status().is_success() {
+            bail!("GET {url}: {}", r.status());
+        }
+        let mut body = Vec::new();
+        while let Some(c) = r.chunk().await.with_context(|| format!("GET {url}"))? {
+            body.extend_from_slice(&c);
+            if body.len() as u64 > crate::protocol::MAX_HOOK_BYTES {
+                bail!("GET {url}: over {} bytes", crate::protocol::MAX_HOOK_BYTES);
+            }
+        }
+        Ok(body)
+    }
+
     /// Fetches and checks the job's manifest and torrent, retrying while the
     /// server is unreachable.
     pub async fn fetch_image(&self, job: &JobResponse) -> Result<Image> {

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 pub mod choose;
 pub mod client;
 pub mod disks;
+pub mod fit;
 pub mod receive;
 pub mod safety;
 pub mod shiplog;
@@ -201,6 +202,26 @@ async fn deploy(
         .await?
         .map_err(|e| DiskFailed(format!("{e:#}")))?;
     info!("{} is imaged, read back and bootable", path.display());
+    // Hooks may run for minutes: the server keeps hearing from this host,
+    // and gets their output as it comes.
+    let fit = fit::Fit {
+        job,
+        image: &image,
+        target: &path,
+        mnt: mount_root(opts),
+        client,
+    };
+    let fitting = fit::run(&fit);
+    tokio::pin!(fitting);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = &mut fitting => break r?,
+            _ = tick.tick() => {
+                rep.send(AgentState::Finishing, Some(&torrent), None).await;
+            }
+        }
+    }
 
     seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
     session.stop().await;
@@ -226,6 +247,16 @@ async fn download(rep: &mut Reporter, torrent: &Torrent) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Where the target's partitions are mounted: one place on a PC; per
+/// process when writing a disk file (tests run several agents at once).
+fn mount_root(opts: &AgentOptions) -> PathBuf {
+    let base = PathBuf::from("/run/blockswarm");
+    match &opts.target {
+        None => base.join("mnt"),
+        Some(_) => base.join(format!("mnt-{}", std::process::id())),
     }
 }
 

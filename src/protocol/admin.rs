@@ -238,6 +238,9 @@ pub struct GroupInfo {
     /// Where its Wake-on-LAN packets go: the subnet's directed broadcast.
     pub wake: Option<std::net::SocketAddr>,
     pub members: Vec<String>,
+    /// The members' host name template, e.g. "lab12-{slot:02}".
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// `PUT /api/v1/admin/hosts/{mac}`: what to change (fields left out stay).

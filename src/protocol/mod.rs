@@ -7,6 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod admin;
+pub mod hostname;
 
 pub const API: &str = "/api/v1";
 
@@ -31,13 +32,67 @@ pub struct Job {
     /// Hash what the disk already holds and fetch only what differs.
     #[serde(default)]
     pub incremental: bool,
+    /// Scripts from the server's `hooks/` folder, run in this order after
+    /// the image is written, with the target's partitions mounted.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// Seconds each hook may run before it is killed.
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout: u64,
+}
+
+/// The folder of the server's state directory it serves hooks from.
+pub const HOOKS_DIR: &str = "hooks";
+/// The largest hook served or fetched.
+pub const MAX_HOOK_BYTES: u64 = 1 << 20;
+/// Hooks one job may name.
+pub const MAX_HOOKS: usize = 16;
+
+/// A hook's name: a plain file name of 1 to 64 letters, digits, '.', '_'
+/// and '-', not starting with '.'.
+pub fn check_hook_name(name: &str) -> anyhow::Result<()> {
+    let ok = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        anyhow::bail!(
+            "hook name {name:?}: 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
+        );
+    }
+    Ok(())
 }
 
 fn default_seed_cap() -> u64 {
     120
 }
+fn default_hook_timeout() -> u64 {
+    300
+}
 
 impl Job {
+    /// The longest `hook_timeout` accepted, in seconds.
+    pub const MAX_HOOK_TIMEOUT: u64 = 6 * 3600;
+
+    /// Checks what serde cannot: the hooks' names, count and time limit.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.hooks.len() > MAX_HOOKS {
+            anyhow::bail!("hooks: {} named; at most {MAX_HOOKS}", self.hooks.len());
+        }
+        for h in &self.hooks {
+            check_hook_name(h)?;
+        }
+        if !(1..=Self::MAX_HOOK_TIMEOUT).contains(&self.hook_timeout) {
+            anyhow::bail!(
+                "hook_timeout: {} s; 1 to {} s",
+                self.hook_timeout,
+                Self::MAX_HOOK_TIMEOUT
+            );
+        }
+        Ok(())
+    }
+
     /// The job that writes `image` with every other setting at its default.
     pub fn for_image(image: &str) -> Self {
         Self {
@@ -48,6 +103,8 @@ impl Job {
             seed_cap_minutes: default_seed_cap(),
             verify: Verify::default(),
             incremental: false,
+            hooks: Vec::new(),
+            hook_timeout: default_hook_timeout(),
         }
     }
 }
@@ -267,6 +324,11 @@ pub struct JobResponse {
     /// writes to this disk or to none.
     #[serde(default)]
     pub disk: Option<DiskIdentity>,
+    /// This host's 1-based position in its group (0: not in a group); the
+    /// `{slot}` of the group's host name template. The name itself is
+    /// `host`, rendered and checked by the server.
+    #[serde(default)]
+    pub slot: u32,
 }
 
 /// What identifies a target disk across reboots: its WWN or serial where the

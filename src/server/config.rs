@@ -115,6 +115,9 @@ pub struct GroupConfig {
     pub exit: Option<ExitType>,
     /// The subnet's directed broadcast, e.g. "10.0.12.255:9".
     pub wake: Option<SocketAddr>,
+    /// Names the members that have no `[[host]] name`: "lab12-{slot:02}",
+    /// with {slot} (1-based position in `members`), {mac}, {group}.
+    pub hostname: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -190,11 +193,29 @@ impl ServerConfig {
             if !names.insert(g.name.clone()) {
                 bail!("group {:?} is listed twice", g.name);
             }
+            if let Some(t) = &g.hostname {
+                crate::protocol::hostname::check_template(t, &g.name)
+                    .with_context(|| format!("group {:?}: hostname", g.name))?;
+            }
             for m in &mut g.members {
                 *m = normalize_mac(m).with_context(|| format!("group {:?}", g.name))?;
                 if let Some(other) = members.insert(m.clone(), g.name.clone()) {
                     bail!("host {m} is a member of both {other:?} and {:?}", g.name);
                 }
+            }
+        }
+        if let Some(j) = &c.default_job {
+            j.check().context("default_job")?;
+        }
+        for h in &c.hosts {
+            if let Some(j) = &h.job {
+                j.check().with_context(|| format!("host {}: job", h.mac))?;
+            }
+        }
+        for g in &c.groups {
+            if let Some(j) = &g.job {
+                j.check()
+                    .with_context(|| format!("group {:?}: job", g.name))?;
             }
         }
         if c.tracker.starts_with("udp://") {

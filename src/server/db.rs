@@ -90,6 +90,10 @@ pub const MIGRATIONS: &[&str] = &[
         last_fired INTEGER,
         enabled INTEGER NOT NULL DEFAULT 1
     );",
+    // 3: host names from a group's template: the template, and each
+    // member's 1-based position in its group (the template's {slot}).
+    "ALTER TABLE groups ADD COLUMN hostname TEXT;
+    ALTER TABLE hosts ADD COLUMN grp_slot INTEGER;",
 ];
 
 /// One connection behind a lock: every call is a few small statements

@@ -239,6 +239,26 @@ impl ServerState {
                 _ => s.torrent.is_some(),
             },
         };
+        let host = match &claim.name {
+            Ok(Some(n)) => {
+                let windows = images.get(&job.image).is_some_and(|s| {
+                    s.image
+                        .manifest
+                        .regions
+                        .iter()
+                        .any(|r| r.fs == Some(crate::image::fs::FsKind::Ntfs))
+                });
+                crate::protocol::hostname::check(n, windows).map_err(|e| {
+                    JobError::NoJob(format!(
+                        "{mac}: cannot name it for image {:?}: {e:#}",
+                        job.image
+                    ))
+                })?;
+                Some(n.clone())
+            }
+            Ok(None) => None,
+            Err(e) => return Err(JobError::NoJob(format!("{mac}: {e}"))),
+        };
         drop(images);
         let id = claim.deployment;
         let token = self.keys.issue(id, &mac);
@@ -250,7 +270,8 @@ impl ServerState {
         };
         let name = &job.image;
         Ok(JobResponse {
-            host: claim.name,
+            host,
+            slot: claim.group_slot,
             mac,
             manifest_url: format!("/images/{name}/manifest.json"),
             torrent_url: format!("/images/{name}/image.torrent"),

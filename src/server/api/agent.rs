@@ -55,6 +55,48 @@ pub async fn image_file(
     }
 }
 
+/// A post-deploy hook from `<state_dir>/hooks/`: the name is checked to be a
+/// plain file name before it is joined, and the file is bounded.
+pub async fn hook(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    if let Err(e) = crate::protocol::check_hook_name(&name) {
+        return error(StatusCode::BAD_REQUEST, format!("{e:#}"));
+    }
+    let path = s
+        .config
+        .state_dir
+        .join(crate::protocol::HOOKS_DIR)
+        .join(&name);
+    let read = tokio::task::spawn_blocking(move || read_hook(&path)).await;
+    match read {
+        Ok(Ok(Some(b))) => ([(header::CONTENT_TYPE, "text/x-shellscript")], b).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no hook {name:?}")),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("hook {name:?}: {e:#}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn read_hook(path: &std::path::Path) -> anyhow::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if !f.metadata()?.is_file() {
+        return Ok(None);
+    }
+    let mut b = Vec::new();
+    f.take(crate::protocol::MAX_HOOK_BYTES + 1)
+        .read_to_end(&mut b)?;
+    if b.len() as u64 > crate::protocol::MAX_HOOK_BYTES {
+        anyhow::bail!("over {} bytes", crate::protocol::MAX_HOOK_BYTES);
+    }
+    Ok(Some(b))
+}
+
 pub async fn status(State(s): State<AppState>, Json(r): Json<StatusReport>) -> Response {
     match s.report(r).await {
         Ok(ack) => Json(ack).into_response(),

@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .route("/boot.ipxe", get(super::boot::ipxe_script))
         .route("/boot/{file}", get(super::boot::boot_file))
         .route("/images/{name}/{file}", get(agent::image_file))
+        .route("/hooks/{name}", get(agent::hook))
         .route("/api/v1/jobs/{mac}", get(agent::job))
         .route("/api/v1/status", post(agent::status))
         .route("/api/v1/deployment", get(agent::deployment))

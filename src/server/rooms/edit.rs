@@ -39,11 +39,18 @@ impl Rooms {
                     params![g.name, w.to_string()],
                 )?;
             }
-            for m in &g.members {
+            if let Some(t) = &g.hostname {
+                tx.execute(
+                    "UPDATE groups SET hostname = ?2 WHERE name = ?1",
+                    params![g.name, t],
+                )?;
+            }
+            // The config's order is the members' slots.
+            for (i, m) in g.members.iter().enumerate() {
                 upsert_host(&tx, m, now)?;
                 tx.execute(
-                    "UPDATE hosts SET grp = ?2, registered = 1 WHERE mac = ?1",
-                    params![m, g.name],
+                    "UPDATE hosts SET grp = ?2, grp_slot = ?3, registered = 1 WHERE mac = ?1",
+                    params![m, g.name, i as i64 + 1],
                 )?;
             }
         }
@@ -80,10 +87,11 @@ impl Rooms {
         has_image: impl Fn(&str) -> bool,
     ) -> Result<()> {
         let mac = normalize_mac(mac)?;
-        if let Some(j) = &u.job
-            && !has_image(&j.image)
-        {
-            bail!("image {:?} is not in the store", j.image);
+        if let Some(j) = &u.job {
+            j.check()?;
+            if !has_image(&j.image) {
+                bail!("image {:?} is not in the store", j.image);
+            }
         }
         let mut c = self.db.lock();
         let tx = c.transaction()?;
@@ -95,6 +103,9 @@ impl Rooms {
         }
         // The admin naming a MAC knows it.
         tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&mac])?;
+        if let Some(g) = &u.group {
+            join_group(&tx, &mac, g)?;
+        }
         for (col, v) in [
             ("name", u.name.clone()),
             ("grp", u.group.clone()),
@@ -116,31 +127,34 @@ impl Rooms {
         if g.name.is_empty() || g.name.len() > 64 {
             bail!("a group's name is 1 to 64 characters");
         }
-        if let Some(j) = &g.job
-            && !has_image(&j.image)
-        {
-            bail!("image {:?} is not in the store", j.image);
+        if let Some(j) = &g.job {
+            j.check()?;
+            if !has_image(&j.image) {
+                bail!("image {:?} is not in the store", j.image);
+            }
+        }
+        if let Some(t) = &g.hostname {
+            crate::protocol::hostname::check_template(t, &g.name)?;
         }
         let mut c = self.db.lock();
         let tx = c.transaction()?;
         tx.execute(
-            "INSERT INTO groups (name, job, exit, wake) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (name) DO UPDATE SET job = ?2, exit = ?3, wake = ?4",
+            "INSERT INTO groups (name, job, exit, wake, hostname) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (name) DO UPDATE SET job = ?2, exit = ?3, wake = ?4, hostname = ?5",
             params![
                 g.name,
                 g.job.as_ref().map(to_json),
                 g.exit.as_ref().map(to_json),
-                g.wake.map(|w| w.to_string())
+                g.wake.map(|w| w.to_string()),
+                g.hostname
             ],
         )?;
         let now = now_ms();
         for m in &g.members {
             let m = normalize_mac(m)?;
             upsert_host(&tx, &m, now)?;
-            tx.execute(
-                "UPDATE hosts SET grp = ?2, registered = 1 WHERE mac = ?1",
-                params![m, g.name],
-            )?;
+            tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&m])?;
+            join_group(&tx, &m, &g.name)?;
         }
         tx.commit()?;
         Ok(())
@@ -222,6 +236,17 @@ impl Rooms {
         }
         Ok(())
     }
+}
+
+/// Makes `mac` a member of `group`; a new member takes the next slot, a
+/// member keeps its own.
+fn join_group(tx: &rusqlite::Transaction, mac: &str, group: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE hosts SET grp = ?2, grp_slot = (SELECT coalesce(max(grp_slot), 0) + 1 \
+         FROM hosts WHERE grp = ?2) WHERE mac = ?1 AND (grp IS NOT ?2 OR grp_slot IS NULL)",
+        params![mac, group],
+    )?;
+    Ok(())
 }
 
 /// A schedule as stored: what it starts, when, and the last fire handled.

@@ -48,7 +48,11 @@ pub struct Claim {
     pub deployment: u64,
     pub slot: u32,
     pub job: Job,
-    pub name: Option<String>,
+    /// The host's own name, else its group's template rendered for it:
+    /// `Err` when that template does not render (the task cannot run).
+    pub name: Result<Option<String>, String>,
+    /// 1-based position in its group; 0 when in none.
+    pub group_slot: u32,
     pub disk: Option<DiskIdentity>,
 }
 
@@ -159,16 +163,14 @@ impl Rooms {
                     params![t.id, now],
                 )?;
             }
-            let name = one(&tx, "SELECT name FROM hosts WHERE mac = ?1", [&mac], |r| {
-                r.get::<_, Option<String>>(0)
-            })?
-            .flatten();
+            let (name, group_slot) = host_name(&tx, &mac)?;
             tx.commit()?;
             Ok(Ok(Claim {
                 deployment: t.deployment,
                 slot: t.slot,
                 job: t.job,
                 name,
+                group_slot,
                 disk: t.disk,
             }))
         })();
@@ -695,6 +697,42 @@ fn job_of(tx: &Connection, mac: &str, rooms: &Rooms, image: Option<&str>) -> Res
         (None, Some(i)) => Some(Job::for_image(i)),
         (j, None) => j,
     })
+}
+
+/// `mac`'s name (its own, else its group's template rendered with its slot)
+/// and its slot in its group.
+fn host_name(tx: &Connection, mac: &str) -> Result<(Result<Option<String>, String>, u32)> {
+    let row = one(
+        tx,
+        "SELECT h.name, h.grp, h.grp_slot, g.hostname FROM hosts h \
+         LEFT JOIN groups g ON g.name = h.grp WHERE h.mac = ?1",
+        [mac],
+        |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        },
+    )?;
+    let Some((own, grp, slot, template)) = row else {
+        return Ok((Ok(None), 0));
+    };
+    let slot = slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(0);
+    // A name that is not a host name (an older label such as "PC 7 (front)")
+    // stays the dashboard's label and is not written into the system.
+    let own = own.filter(|n| crate::protocol::hostname::check(n, false).is_ok());
+    let name = match (own, grp, template) {
+        (Some(n), _, _) => Ok(Some(n)),
+        (None, Some(g), Some(t)) if slot > 0 => {
+            crate::protocol::hostname::render(&t, slot, mac, &g)
+                .map(Some)
+                .map_err(|e| format!("group {g:?}: {e:#}"))
+        }
+        _ => Ok(None),
+    };
+    Ok((name, slot))
 }
 
 fn exit_for(tx: &Connection, mac: &str) -> Result<Option<ExitType>> {

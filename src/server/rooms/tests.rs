@@ -326,3 +326,47 @@ fn a_pc_left_over_when_expect_is_reached_can_be_deployed_again() {
     let again = r.start(&req, images).unwrap();
     assert_eq!(r.claim(B, &mut |_| true).unwrap().deployment, again);
 }
+
+#[test]
+fn group_templates_name_members_by_their_slot_and_own_names_win() {
+    let cfg = "
+[[group]]
+name = \"lab12\"
+members = [\"52:54:00:00:12:02\", \"52:54:00:00:12:01\"]
+hostname = \"{group}-{slot:02}\"
+[group.job]
+image = \"win\"
+
+[[host]]
+mac = \"52:54:00:00:12:09\"
+name = \"teacher\"
+";
+    let r = Rooms::with(Db::memory().unwrap(), &ServerConfig::parse(cfg).unwrap()).unwrap();
+    // A member added through the API takes the next slot; the teacher's
+    // own name wins over the template.
+    let mut g = r.groups().unwrap().remove(0);
+    g.members = vec!["52:54:00:00:12:09".into(), "52:54:00:00:12:03".into()];
+    r.put_group(&g, images).unwrap();
+    let members = r.groups().unwrap().remove(0).members;
+    assert_eq!(members[..2], ["52:54:00:00:12:02", "52:54:00:00:12:01"]);
+    // A label that is no host name is not written: the template names it.
+    let label = HostUpdate {
+        name: Some("front row".into()),
+        ..Default::default()
+    };
+    r.update_host("52:54:00:00:12:03", &label, images).unwrap();
+    let d = start(&r, "lab12");
+    let claim = |mac: &str| {
+        let c = r.claim(mac, &mut |_| true).unwrap();
+        assert_eq!(c.deployment, d);
+        (c.name.unwrap(), c.group_slot)
+    };
+    assert_eq!(claim("52:54:00:00:12:02"), (Some("lab12-01".into()), 1));
+    assert_eq!(claim("52:54:00:00:12:01"), (Some("lab12-02".into()), 2));
+    assert_eq!(claim("52:54:00:00:12:09"), (Some("teacher".into()), 3));
+    assert_eq!(claim("52:54:00:00:12:03"), (Some("lab12-04".into()), 4));
+    // A template that cannot make a name is refused where it is set.
+    g.hostname = Some("lab12_{slot}".into());
+    let e = format!("{:#}", r.put_group(&g, images).unwrap_err());
+    assert!(e.contains("holds '_'"), "{e}");
+}

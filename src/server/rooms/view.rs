@@ -145,7 +145,8 @@ impl Rooms {
 
     pub fn groups(&self) -> Result<Vec<GroupInfo>> {
         let c = self.db.lock();
-        let mut st = c.prepare("SELECT name, job, exit, wake FROM groups ORDER BY name")?;
+        let mut st =
+            c.prepare("SELECT name, job, exit, wake, hostname FROM groups ORDER BY name")?;
         let mut v = st
             .query_map([], |r| {
                 Ok(GroupInfo {
@@ -156,13 +157,14 @@ impl Rooms {
                         .get::<_, Option<String>>("wake")?
                         .and_then(|w| w.parse().ok()),
                     members: Vec::new(),
+                    hostname: r.get("hostname")?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for g in &mut v {
             g.members = strings(
                 &c,
-                "SELECT mac FROM hosts WHERE grp = ?1 AND registered = 1 ORDER BY mac",
+                "SELECT mac FROM hosts WHERE grp = ?1 AND registered = 1 ORDER BY grp_slot, mac",
                 [&g.name],
             )?;
         }
