@@ -15,6 +15,7 @@ use tracing::{info, warn};
 pub mod choose;
 pub mod client;
 pub mod disks;
+pub mod fit;
 pub mod receive;
 pub mod safety;
 pub mod shiplog;
@@ -201,6 +202,10 @@ async fn deploy(
         .await?
         .map_err(|e| DiskFailed(format!("{e:#}")))?;
     info!("{} is imaged, read back and bootable", path.display());
+    {
+        let (job, image, path) = (job.clone(), image.clone(), path.clone());
+        tokio::task::spawn_blocking(move || fit::run(&job, &image, &path)).await??;
+    }
 
     seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
     session.stop().await;

@@ -31,6 +31,16 @@ pub struct Job {
     /// Hash what the disk already holds and fetch only what differs.
     #[serde(default)]
     pub incremental: bool,
+    /// UEFI: the loader the firmware boot entry starts, as a path on the
+    /// image's ESP (`\EFI\debian\shimx64.efi`). Default: the first of
+    /// a distribution's shim, its GRUB, Windows' boot manager, and the
+    /// fallback `\EFI\BOOT\BOOTX64.EFI` found there.
+    #[serde(default)]
+    pub efi_loader: Option<String>,
+    /// UEFI: the boot entry's label (default "blockswarm"). Earlier entries
+    /// with this label, or for the same ESP, are replaced.
+    #[serde(default)]
+    pub efi_label: Option<String>,
 }
 
 fn default_seed_cap() -> u64 {
@@ -48,6 +58,8 @@ impl Job {
             seed_cap_minutes: default_seed_cap(),
             verify: Verify::default(),
             incremental: false,
+            efi_loader: None,
+            efi_label: None,
         }
     }
 }
