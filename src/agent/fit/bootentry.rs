@@ -25,6 +25,7 @@ pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 pub const DEFAULT_LABEL: &str = "blockswarm";
 const EFI_DIR: &str = "/sys/firmware/efi";
 const EFIVARS: &str = "/sys/firmware/efi/efivars";
+const LOOP_MAJOR: u64 = 7;
 /// Distribution loaders, in order: shim (Secure Boot), then GRUB, then
 /// systemd-boot, in any `\EFI\<distro>` directory.
 const DISTRO_LOADERS: [&str; 3] = ["shimx64.efi", "grubx64.efi", "systemd-bootx64.efi"];
@@ -174,14 +175,14 @@ pub fn run(job: &Job, table: &PartitionTable, disk: &Path) -> Result<()> {
     let disk =
         std::fs::canonicalize(disk).with_context(|| format!("resolving {}", disk.display()))?;
     let file = File::open(&disk).with_context(|| format!("opening {}", disk.display()))?;
-    use std::os::unix::fs::FileTypeExt;
-    if !file.metadata()?.file_type().is_block_device() {
-        info!(
-            "{} is not a block device: no firmware boot entry",
-            disk.display()
-        );
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata()?;
+    // A loop device (tests, demos) is no disk the firmware can boot.
+    if !meta.file_type().is_block_device() || nix::sys::stat::major(meta.rdev()) == LOOP_MAJOR {
+        info!("{} is not a firmware's disk: no boot entry", disk.display());
         return Ok(());
     }
+    let bin = efibootmgr_bin()?;
     let label = job.efi_label.as_deref().unwrap_or(DEFAULT_LABEL);
     ensure!(
         !label.is_empty() && label.len() <= 64 && !label.chars().any(char::is_control),
@@ -191,29 +192,42 @@ pub fn run(job: &Job, table: &PartitionTable, disk: &Path) -> Result<()> {
     let loader = match &job.efi_loader {
         Some(l) => {
             let l = l.replace('/', "\\");
-            match fatdir::find(&slice, &l).context("reading the ESP")? {
-                Some(f) if !f.is_dir => l,
-                _ => bail!("the job's efi_loader {l} is not a file on the ESP (partition {})", esp.number),
-            }
+            let found = fatdir::find(&slice, &l).context("reading the ESP")?;
+            ensure!(
+                found.is_some_and(|f| !f.is_dir),
+                "the job's efi_loader {l} is not a file on the ESP (partition {})",
+                esp.number
+            );
+            l
         }
         None => choose_loader(&slice)
             .context("reading the ESP")?
-            .with_context(|| format!("no loader on the ESP (partition {}): none of \\EFI\\*\\{{shimx64,grubx64,systemd-bootx64}}.efi, {WINDOWS_LOADER}, {FALLBACK_LOADER}", esp.number))?,
+            .with_context(|| {
+                format!(
+                    "no loader on the ESP (partition {}): no \\EFI\\*\\{}, {WINDOWS_LOADER} \
+                     or {FALLBACK_LOADER}",
+                    esp.number,
+                    DISTRO_LOADERS.join("|")
+                )
+            })?,
     };
     let guid = part_guid(&file, table.sector_size, esp.number)?;
     mount_efivarfs()?;
 
-    let before = BootVars::parse(&efibootmgr(&["-v"])?);
+    let before = BootVars::parse(&efibootmgr(&bin, &["-v"])?);
     let gone = before.ours(label, &guid);
     for n in &gone {
-        efibootmgr(&["-b", &format!("{n:04X}"), "-B"])?;
+        efibootmgr(&bin, &["-b", &format!("{n:04X}"), "-B"])?;
     }
     // -C: create without touching BootOrder (-c would put it first).
     let part = esp.number.to_string();
     let disk_s = disk.to_string_lossy();
-    let made = BootVars::parse(&efibootmgr(&[
-        "-C", "-d", &disk_s, "-p", &part, "-l", &loader, "-L", label, "-v",
-    ])?);
+    let made = BootVars::parse(&efibootmgr(
+        &bin,
+        &[
+            "-C", "-d", &disk_s, "-p", &part, "-l", &loader, "-L", label, "-v",
+        ],
+    )?);
     let ours = made
         .entries
         .iter()
@@ -233,26 +247,27 @@ pub fn run(job: &Job, table: &PartitionTable, disk: &Path) -> Result<()> {
         );
     }
     let order = boot_order(&before.order, before.current, ours, &gone);
-    efibootmgr(&["-o", &fmt_order(&order)])?;
-    let after = BootVars::parse(&efibootmgr(&["-v"])?);
+    efibootmgr(&bin, &["-o", &fmt_order(&order)])?;
+    let after = BootVars::parse(&efibootmgr(&bin, &["-v"])?);
     ensure!(
         after.order == order,
         "the firmware kept BootOrder {} instead of {}",
         fmt_order(&after.order),
         fmt_order(&order)
     );
+    let current = before.current.map_or("none".into(), |c| format!("{c:04X}"));
+    let replaced = if gone.is_empty() {
+        String::new()
+    } else {
+        format!("; replaces {}", fmt_order(&gone))
+    };
     info!(
-        "UEFI boot entry Boot{ours:04X} \"{label}\": {} partition {} {loader}{}; BootOrder {} -> {} (after BootCurrent {})",
+        "UEFI boot entry Boot{ours:04X} \"{label}\": {} partition {} {loader}; \
+         BootOrder {} -> {} (after BootCurrent {current}){replaced}",
         disk.display(),
         esp.number,
-        if gone.is_empty() {
-            String::new()
-        } else {
-            format!(" (replaces {})", fmt_order(&gone))
-        },
         fmt_order(&before.order),
         fmt_order(&after.order),
-        before.current.map_or("none".into(), |c| format!("{c:04X}"))
     );
     Ok(())
 }
@@ -291,8 +306,8 @@ fn mount_efivarfs() -> Result<()> {
     .with_context(|| format!("mounting efivarfs on {EFIVARS}"))
 }
 
-fn efibootmgr(args: &[&str]) -> Result<String> {
-    let bin = [
+fn efibootmgr_bin() -> Result<PathBuf> {
+    [
         "/usr/bin/efibootmgr",
         "/bin/efibootmgr",
         "/usr/sbin/efibootmgr",
@@ -301,8 +316,11 @@ fn efibootmgr(args: &[&str]) -> Result<String> {
     .into_iter()
     .map(PathBuf::from)
     .find(|p| p.exists())
-    .context("efibootmgr is not in the deploy system")?;
-    let out = Command::new(&bin)
+    .context("efibootmgr is not in the deploy system")
+}
+
+fn efibootmgr(bin: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
         .args(args)
         .output()
         .with_context(|| format!("running efibootmgr {}", args.join(" ")))?;
