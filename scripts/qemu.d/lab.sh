@@ -16,7 +16,9 @@
 #   qlab_admin ARGS...     `blockswarm admin` against the server, with its token
 #   qemu_pc NAME ACCEL FW NIC MAC DISK-ARGS...   a PC (bios|uefi) on tap<N>;
 #                          its NIC boots at place $pc_nic_boot (bootindex: 2,
-#                          after a disk given 1; 1: network first)
+#                          after a disk given 1; 1: network first; empty: no
+#                          bootindex); qemu_serial_append=1: the serial log
+#                          is appended to, not started anew
 #   disk FILE DEVICE SERIAL [BOOTINDEX]          its -drive/-device arguments
 #   seen PC TEXT           whether PC's serial console printed TEXT
 #   nsx CMD...             runs CMD in the namespace
@@ -127,9 +129,9 @@ qlab_net() {
 qemu_pc() { # NAME ACCEL FIRMWARE(bios|uefi) NIC[,OPTS] MAC DISK-ARGS...
   local name=$1 acc=$2 fw=$3 nic=$4 mac=$5 tap=tap${1#pc}; shift 5
   local args=(-name "$name" -accel "$acc" -m 1024 -smp 1 -nographic -monitor none
-    -serial "file:$work/$name.log"
+    -chardev "file,id=ser0,path=$work/$name.log${qemu_serial_append:+,append=on}" -serial chardev:ser0
     -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no"
-    -device "$nic,netdev=n0,mac=$mac,bootindex=$pc_nic_boot")
+    -device "$nic,netdev=n0,mac=$mac${pc_nic_boot:+,bootindex=$pc_nic_boot}")
   if [ "$fw" = uefi ]; then
     # Its NVRAM lives as long as $work: the boot order stays across reboots.
     [ -f "$work/$name-vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS.fd "$work/$name-vars.fd"

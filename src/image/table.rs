@@ -226,7 +226,7 @@ fn check_layout(t: &PartitionTable, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn guid_string(g: &[u8; 16]) -> String {
+pub(crate) fn guid_string(g: &[u8; 16]) -> String {
     format!(
         "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
         g[3],

@@ -39,6 +39,16 @@ pub struct Job {
     /// Seconds each hook may run before it is killed.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout: u64,
+    /// UEFI: the loader the firmware boot entry starts, as a path on the
+    /// image's ESP (`\EFI\debian\shimx64.efi`). Default: the first of
+    /// a distribution's shim, its GRUB, Windows' boot manager, and the
+    /// fallback `\EFI\BOOT\BOOTX64.EFI` found there.
+    #[serde(default)]
+    pub efi_loader: Option<String>,
+    /// UEFI: the boot entry's label (default "blockswarm"). Earlier entries
+    /// with this label, or for the same ESP, are replaced.
+    #[serde(default)]
+    pub efi_label: Option<String>,
 }
 
 /// The folder of the server's state directory it serves hooks from.
@@ -105,6 +115,8 @@ impl Job {
             incremental: false,
             hooks: Vec::new(),
             hook_timeout: default_hook_timeout(),
+            efi_loader: None,
+            efi_label: None,
         }
     }
 }

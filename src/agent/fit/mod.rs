@@ -8,10 +8,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tracing::warn;
 
 use crate::image::Image;
 use crate::protocol::JobResponse;
 
+pub mod bootentry;
 pub mod hooks;
 pub mod identity;
 pub mod mount;
@@ -31,25 +33,38 @@ pub struct Fit<'a> {
 pub async fn run(f: &Fit<'_>) -> Result<()> {
     let wants_identity = f.job.host.is_some();
     let wants_hooks = !f.job.job.hooks.is_empty();
-    if !wants_identity && !wants_hooks {
-        return Ok(());
+    if wants_identity || wants_hooks {
+        // The scripts are fetched before anything is mounted: a missing hook
+        // fails the task without touching the disk.
+        let scripts = hooks::fetch(f.client, &f.job.job.hooks).await?;
+        let target = f.target.to_owned();
+        let image = f.image.manifest.clone();
+        let mnt = f.mnt.clone();
+        let job = f.job.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let mounts = mount::Mounts::all(&target, &image, &mnt)?;
+            if let Some(name) = &job.host {
+                identity::write(&mounts, name)?;
+            }
+            hooks::run(&scripts, &mounts, &job)?;
+            mounts.finish()
+        })
+        .await??;
     }
-    // The scripts are fetched before anything is mounted: a missing hook
-    // fails the task without touching the disk.
-    let scripts = hooks::fetch(f.client, &f.job.job.hooks).await?;
-    let target = f.target.to_owned();
-    let image = f.image.manifest.clone();
-    let mnt = f.mnt.clone();
-    let job = f.job.clone();
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        let mounts = mount::Mounts::all(&target, &image, &mnt)?;
-        if let Some(name) = &job.host {
-            identity::write(&mounts, name)?;
+    let (job, table, disk) = (
+        f.job.job.clone(),
+        f.image.manifest.disk.table.clone(),
+        f.target.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || {
+        // Not a failure: the disk still boots through the firmware's
+        // fallback path (\EFI\BOOT\BOOTX64.EFI) or its own entry for it.
+        if let Err(e) = bootentry::run(&job, &table, &disk) {
+            warn!("no UEFI boot entry for the deployed disk: {e:#}");
         }
-        hooks::run(&scripts, &mounts, &job)?;
-        mounts.finish()
     })
-    .await?
+    .await?;
+    Ok(())
 }
 
 /// Runs a system tool to completion within `limit`, killing it past that;

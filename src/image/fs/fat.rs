@@ -9,18 +9,26 @@ use crate::image::extent::{DevSlice, Extent, ExtentSet};
 const CHUNK: usize = 3 << 19;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FatType {
+pub(super) enum FatType {
     Fat12,
     Fat16,
     Fat32,
 }
 
 impl FatType {
-    fn bits(self) -> u64 {
+    pub(super) fn bits(self) -> u64 {
         match self {
             FatType::Fat12 => 12,
             FatType::Fat16 => 16,
             FatType::Fat32 => 32,
+        }
+    }
+    /// Entries at or above this end a cluster chain.
+    pub(super) fn end_of_chain(self) -> u32 {
+        match self {
+            FatType::Fat12 => 0xFF8,
+            FatType::Fat16 => 0xFFF8,
+            FatType::Fat32 => 0x0FFF_FFF8,
         }
     }
     fn bad(self) -> u32 {
@@ -34,26 +42,30 @@ impl FatType {
 
 /// The geometry the boot sector describes, all in bytes except `clusters`.
 #[derive(Debug)]
-struct Layout {
-    ty: FatType,
-    fat_start: u64,
-    fat_len: u64,
-    data_start: u64,
-    cluster_size: u64,
-    clusters: u64,
+pub(super) struct Layout {
+    pub(super) ty: FatType,
+    pub(super) fat_start: u64,
+    pub(super) fat_len: u64,
+    /// The FAT12/16 root directory: its bytes just before `data_start`.
+    pub(super) root_len: u64,
+    /// The FAT32 root directory's first cluster.
+    pub(super) root_cluster: u32,
+    pub(super) data_start: u64,
+    pub(super) cluster_size: u64,
+    pub(super) clusters: u64,
     fs_len: u64,
 }
 
-fn le16(b: &[u8], o: usize) -> u64 {
+pub(super) fn le16(b: &[u8], o: usize) -> u64 {
     u16::from_le_bytes([b[o], b[o + 1]]).into()
 }
 
-fn le32(b: &[u8], o: usize) -> u64 {
+pub(super) fn le32(b: &[u8], o: usize) -> u64 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]).into()
 }
 
 /// Validates the BPB and derives the layout.
-fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
+pub(super) fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
     ensure!(bs[510..512] == [0x55, 0xAA], "no 0x55AA boot signature");
     let bps = le16(bs, 11);
     ensure!(
@@ -108,6 +120,8 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
         ty,
         fat_start: reserved * bps,
         fat_len,
+        root_len: root_sectors * bps,
+        root_cluster: le32(bs, 44) as u32,
         data_start: meta * bps,
         cluster_size: spc * bps,
         clusters,
@@ -115,7 +129,7 @@ fn parse_bpb(bs: &[u8; 512]) -> Result<Layout> {
     })
 }
 
-fn boot_sector(dev: &DevSlice) -> Result<[u8; 512]> {
+pub(super) fn boot_sector(dev: &DevSlice) -> Result<[u8; 512]> {
     let mut bs = [0u8; 512];
     dev.read_at(0, &mut bs)
         .context("reading the FAT boot sector")?;

@@ -11,6 +11,7 @@ use super::extent::{DevSlice, Extent};
 
 pub mod ext;
 pub mod fat;
+pub mod fatdir;
 pub mod ntfs;
 pub mod partclone;
 pub mod swap;
