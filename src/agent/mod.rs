@@ -15,6 +15,7 @@ use tracing::{info, warn};
 pub mod choose;
 pub mod client;
 pub mod disks;
+pub mod fit;
 pub mod receive;
 pub mod safety;
 pub mod shiplog;
@@ -197,13 +198,18 @@ async fn deploy(
         rep.send(AgentState::Verifying, Some(&torrent), None).await;
     }
     let verify = j.verify;
-    tokio::task::spawn_blocking(move || target.finish(verify))
+    let target = tokio::task::spawn_blocking(move || target.finish(verify).map(|()| target))
         .await?
         .map_err(|e| DiskFailed(format!("{e:#}")))?;
     info!("{} is imaged, read back and bootable", path.display());
 
     seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
     session.stop().await;
+    // Fitting the disk to this PC changes blocks of the image: only once
+    // nobody fetches them from this disk any more.
+    rep.send(AgentState::Finishing, None, None).await;
+    let job = j.clone();
+    tokio::task::spawn_blocking(move || fit::run(&target, &job)).await??;
     Ok(j.on_done)
 }
 

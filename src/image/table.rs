@@ -269,6 +269,17 @@ impl FittedGpt {
 /// at the last LBA, last usable LBA before the backup entries, fresh CRCs.
 /// Returns the backup table to write at the end of the disk.
 pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
+    refit_gpt(head, disk_size, ss, |_| Ok(()))
+}
+
+/// [`fit_gpt`], with `edit` applied to the entries once the header is fitted
+/// (last usable LBA known) and before the CRCs are computed.
+fn refit_gpt(
+    head: &mut [u8],
+    disk_size: u64,
+    ss: u64,
+    edit: impl FnOnce(&mut gptman::GPT) -> Result<()>,
+) -> Result<FittedGpt> {
     check_gpt_header(head.get(ss as usize..).unwrap_or_default(), ss)?;
     let tail_len = (1u64 << 20).min(disk_size);
     let mut vdisk = VirtualDisk {
@@ -283,6 +294,7 @@ pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
     gpt.header
         .update_from(&mut vdisk, ss)
         .context("fitting the GPT to the target")?;
+    edit(&mut gpt)?;
     if let Some((i, _)) = gpt
         .iter()
         .find(|(_, p)| p.is_used() && p.ending_lba > gpt.header.last_usable_lba)
@@ -303,6 +315,123 @@ pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
         backup_start,
         backup,
     })
+}
+
+/// A partition grown to the end of a disk: bytes `start..old_end` became
+/// `start..new_end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Growth {
+    pub number: u32,
+    pub start: u64,
+    pub old_end: u64,
+    pub new_end: u64,
+}
+
+/// Where a grown partition ends: on a multiple of this, as partitioning
+/// tools align, so that it stays a whole number of any file system's blocks.
+pub const GROW_ALIGN: u64 = 1 << 20;
+
+/// Grows partition `number` of the table in `head` (the disk's first bytes,
+/// edited in place) to the end of a disk of `disk_size` bytes, rounded down
+/// to [`GROW_ALIGN`]. GPT: the entry, both headers and their CRCs; the
+/// backup table to write at the disk's end is returned. MBR: the size of a
+/// primary entry, capped where 32-bit sector numbers end. `None` when the
+/// partition already reaches that end (`head` is then unchanged). Refused
+/// unless `number` is the partition that lies last on the disk.
+pub fn grow_last(
+    head: &mut [u8],
+    table: &PartitionTable,
+    number: u32,
+    disk_size: u64,
+) -> Result<Option<(Growth, Option<FittedGpt>)>> {
+    let ss = table.sector_size;
+    let Some(last) = table.partitions.last() else {
+        bail!("the disk has no partitions");
+    };
+    if last.number != number {
+        bail!(
+            "partition {number} is not the last on the disk (partition {} lies after it): refusing to grow it",
+            last.number
+        );
+    }
+    let align = GROW_ALIGN.max(ss) / ss; // in sectors
+    match table.kind {
+        TableKind::Gpt => {
+            let original = head.to_vec();
+            let mut growth = None;
+            let fitted = refit_gpt(head, disk_size, ss, |gpt| {
+                let last_usable = gpt.header.last_usable_lba;
+                if number == 0 || number > gpt.header.number_of_partition_entries {
+                    bail!("GPT partition {number} does not exist");
+                }
+                let p = gpt[number].clone();
+                if let Some((i, _)) = gpt
+                    .iter()
+                    .find(|(i, q)| *i != number && q.is_used() && q.starting_lba >= p.starting_lba)
+                {
+                    bail!(
+                        "partition {number} is not the last on the disk (partition {i} lies after it): refusing to grow it"
+                    );
+                }
+                let new_last = (last_usable + 1) / align * align - 1;
+                if new_last > p.ending_lba {
+                    growth = Some(Growth {
+                        number,
+                        start: p.starting_lba * ss,
+                        old_end: (p.ending_lba + 1) * ss,
+                        new_end: (new_last + 1) * ss,
+                    });
+                    gpt[number].ending_lba = new_last;
+                }
+                Ok(())
+            })?;
+            match growth {
+                Some(g) => Ok(Some((g, Some(fitted)))),
+                None => {
+                    head.copy_from_slice(&original);
+                    Ok(None)
+                }
+            }
+        }
+        TableKind::Mbr => {
+            if last.ebr.is_some() || !(1..=4).contains(&number) {
+                bail!(
+                    "partition {number} is a logical partition: growing it would need its extended partition grown too, which is not done"
+                );
+            }
+            let e = 446 + 16 * (number as usize - 1);
+            let start = u64::from(u32::from_le_bytes(head[e + 8..e + 12].try_into()?));
+            let old = u64::from(u32::from_le_bytes(head[e + 12..e + 16].try_into()?));
+            // An MBR counts sectors in 32 bits: a partition ends by 2^32 - 1.
+            let end = (disk_size / ss).min(u64::from(u32::MAX)) / align * align;
+            if end <= start + old {
+                return Ok(None);
+            }
+            let sectors = u32::try_from(end - start)?;
+            head[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+            head[e + 5..e + 8].copy_from_slice(&chs(end - 1));
+            Ok(Some((
+                Growth {
+                    number,
+                    start: start * ss,
+                    old_end: (start + old) * ss,
+                    new_end: end * ss,
+                },
+                None,
+            )))
+        }
+        TableKind::None => bail!("the disk has no partition table"),
+    }
+}
+
+/// An MBR entry's cylinder-head-sector address of `lba` (255 heads, 63
+/// sectors a track), or the "past 1024 cylinders" value tools write.
+fn chs(lba: u64) -> [u8; 3] {
+    let (c, h, s) = (lba / (255 * 63), (lba / 63) % 255, lba % 63 + 1);
+    if c > 1023 {
+        return [0xFE, 0xFF, 0xFF];
+    }
+    [h as u8, (s as u8) | (((c >> 8) as u8) << 6), c as u8]
 }
 
 /// A protective MBR (one 0xEE entry) covers the whole disk, capped at 2^32-1 sectors.

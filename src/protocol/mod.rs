@@ -31,6 +31,10 @@ pub struct Job {
     /// Hash what the disk already holds and fetch only what differs.
     #[serde(default)]
     pub incremental: bool,
+    /// After imaging, grow a partition to the end of a larger disk: "none"
+    /// (the default) or "last" (the last partition and its file system).
+    #[serde(default)]
+    pub grow: Grow,
 }
 
 fn default_seed_cap() -> u64 {
@@ -48,6 +52,7 @@ impl Job {
             seed_cap_minutes: default_seed_cap(),
             verify: Verify::default(),
             incremental: false,
+            grow: Grow::default(),
         }
     }
 }
@@ -89,6 +94,19 @@ pub enum Verify {
     Pieces,
     /// And afterwards the whole image is read back from the disk and checked.
     Readback,
+}
+
+/// Which partition, if any, the agent grows to the end of a larger disk
+/// once the image is written (an enum: other policies may come).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grow {
+    /// Every partition keeps the image's size.
+    #[default]
+    None,
+    /// The last partition runs to the end of the disk, and its file system
+    /// with it (ext2/3/4, NTFS).
+    Last,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,0 +1,217 @@
+//! Growing a file system to fill its grown partition, with its own tools
+//! (e2fsprogs, ntfs-3g), run on a device that spans just the partition.
+//!
+//! Each kind is checked before anything changes (a file system that is not
+//! clean is refused, not repaired), resized, then checked read-only.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use super::extent::DevSlice;
+use super::fs::FsKind;
+use super::manifest::Manifest;
+use super::table::{GROW_ALIGN, TableKind};
+use crate::util::human_bytes;
+
+/// The file-system kinds this grows, or why not.
+pub fn check_supported(kind: &FsKind, number: u32) -> Result<()> {
+    match kind {
+        FsKind::Ext4 | FsKind::Ntfs => Ok(()),
+        FsKind::Other(k) if k == "btrfs" || k == "xfs" => bail!(
+            "partition {number} holds {k}: growing it needs it mounted, which the agent does not do yet; \
+             grow = \"last\" grows ext2/3/4 and NTFS (nothing was changed)"
+        ),
+        k => bail!(
+            "partition {number} holds {}: grow = \"last\" grows ext2/3/4 and NTFS only (nothing was changed)",
+            match k {
+                FsKind::Unknown => "no file system this can tell".to_string(),
+                k => format!("a {k} file system"),
+            }
+        ),
+    }
+}
+
+/// Before anything is written: the file system on `dev` must be clean.
+/// e2fsck -f -y also records the check that resize2fs asks for; on a disk
+/// just written and verified piece by piece it finds nothing to fix, and
+/// anything it does fix (exit code 1 or more) fails the step.
+pub fn check_before(kind: &FsKind, dev: &Path) -> Result<()> {
+    match kind {
+        FsKind::Ext4 => run(Command::new("e2fsck").arg("-f").arg("-y").arg(dev), None).context(
+            "the ext file system is not clean as imaged (the master's was not): refusing to grow it",
+        ),
+        // --info is read-only, and refuses a volume scheduled for chkdsk.
+        FsKind::Ntfs => run(
+            Command::new("ntfsresize")
+                .args(["--info", "--no-progress-bar"])
+                .arg(dev),
+            None,
+        )
+        .context("the NTFS cannot be resized as imaged: refusing to grow it"),
+        k => check_supported(k, 0),
+    }
+}
+
+/// Grows the file system on `dev` to the device's size.
+pub fn resize(kind: &FsKind, dev: &Path) -> Result<()> {
+    match kind {
+        FsKind::Ext4 => run(Command::new("resize2fs").arg(dev), None),
+        // ntfsresize asks "Are you sure?" and takes the answer from stdin:
+        // no --force, which would also skip its refusal of a volume that is
+        // scheduled for chkdsk. It schedules one itself (Windows checks the
+        // volume at its next boot).
+        FsKind::Ntfs => run(
+            Command::new("ntfsresize").arg("--no-progress-bar").arg(dev),
+            Some(b"y\n"),
+        ),
+        k => check_supported(k, 0),
+    }
+}
+
+/// After the resize, read-only.
+pub fn check_after(kind: &FsKind, dev: &Path) -> Result<()> {
+    match kind {
+        FsKind::Ext4 => run(Command::new("e2fsck").arg("-f").arg("-n").arg(dev), None),
+        // (ntfsresize --info now refuses: the volume is scheduled for chkdsk.)
+        FsKind::Ntfs => run(Command::new("ntfsfix").arg("-n").arg(dev), None),
+        k => check_supported(k, 0),
+    }
+    .context("the grown file system does not check clean")
+}
+
+/// The size in bytes that the file system on `dev` says it has (NTFS: its
+/// sectors and the backup boot sector after them).
+pub fn fs_size(kind: &FsKind, dev: &DevSlice) -> Result<u64> {
+    match kind {
+        FsKind::Ext4 => {
+            let sb = dev.read_vec(1024, 1024)?;
+            let le32 = |o: usize| u64::from(u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()));
+            let log = le32(24);
+            if log > 6 {
+                bail!("ext superblock: block size 2^{} is out of range", log + 10);
+            }
+            let is_64bit = le32(0x60) & 0x80 != 0;
+            let blocks = le32(4) | if is_64bit { le32(0x150) << 32 } else { 0 };
+            Ok(blocks << (10 + log))
+        }
+        FsKind::Ntfs => {
+            let bs = dev.read_vec(0, 512)?;
+            let bps = u64::from(u16::from_le_bytes([bs[11], bs[12]]));
+            let sectors = u64::from_le_bytes(bs[0x28..0x30].try_into().unwrap());
+            sectors
+                .checked_add(1)
+                .and_then(|s| s.checked_mul(bps))
+                .context("NTFS boot sector: size overflows")
+        }
+        k => bail!("no size reader for {k}"),
+    }
+}
+
+/// Most output kept for an error message.
+const OUTPUT_TAIL: usize = 2000;
+
+/// Runs a tool to completion; fails with its exit code and the end of its
+/// output unless it exits 0.
+fn run(cmd: &mut Command, input: Option<&[u8]>) -> Result<()> {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    let shown = format!(
+        "{name} {}",
+        cmd.get_args()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    // The initramfs keeps tools in /sbin and /usr/sbin.
+    .env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!("{name} is not installed (the deploy system must carry it)")
+        } else {
+            anyhow::Error::new(e).context(format!("starting {name}"))
+        }
+    })?;
+    if let (Some(i), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(i)
+            .with_context(|| format!("answering {name}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("running {name}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    let text = text.trim();
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| text.len() - i <= OUTPUT_TAIL)
+        .unwrap_or(0);
+    bail!(
+        "`{shown}` failed ({}): {}",
+        out.status,
+        text[cut..].replace('\n', " | ")
+    )
+}
+
+/// Why a disk of `size` bytes is too small for the image of `m` (its used
+/// blocks ending at byte `used_end`), by how much, and what to capture
+/// differently.
+pub fn too_small(m: &Manifest, used_end: u64, size: u64) -> String {
+    let need = m.disk.min_target_size.max(used_end);
+    let mut s = format!(
+        "the disk is too small for image {}: {} ({size} bytes), {} bytes short of the {need} bytes the image needs",
+        m.name,
+        human_bytes(size),
+        need - size
+    );
+    let table = &m.disk.table;
+    // How far the last partition may reach on this disk (GPT: the backup
+    // table after it), on the alignment partitioning tools use.
+    let room = table.min_disk_size(0) - table.partitions.iter().map(|p| p.end()).max().unwrap_or(0);
+    let fit_end = size.saturating_sub(room) / GROW_ALIGN * GROW_ALIGN;
+    let what = match table.partitions.last() {
+        Some(p) if table.kind != TableKind::None => format!("partition {}", p.number),
+        _ => "the file system".to_string(),
+    };
+    if used_end <= fit_end {
+        s += &format!(
+            ". The image uses {} ({} bytes), its last used block ending at byte {used_end}: \
+             shrink {what} (and its file system) on the master to end by byte {fit_end} \
+             ({}) before capturing, or capture from a disk no larger than this one",
+            human_bytes(m.payload.size),
+            m.payload.size,
+            human_bytes(fit_end)
+        );
+    } else {
+        s += &format!(
+            ". The image uses {} ({} bytes), but its used blocks reach byte {used_end}, past byte {fit_end} \
+             where {what} would have to end on this disk: shrinking {what} on the master \
+             (resize2fs, ntfsresize or the OS's disk manager move the data down) to end by byte {fit_end} \
+             is needed before capturing{}",
+            human_bytes(m.payload.size),
+            m.payload.size,
+            if m.payload.size > fit_end {
+                ", and the master holds more data than this disk can take: delete some"
+            } else {
+                ""
+            }
+        );
+    }
+    s
+}
