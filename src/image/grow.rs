@@ -184,7 +184,10 @@ pub fn too_small(m: &Manifest, used_end: u64, size: u64) -> String {
     // How far the last partition may reach on this disk (GPT: the backup
     // table after it), on the alignment partitioning tools use.
     let room = table.min_disk_size(0) - table.partitions.iter().map(|p| p.end()).max().unwrap_or(0);
-    let fit_end = size.saturating_sub(room) / GROW_ALIGN * GROW_ALIGN;
+    let fit_end = match table.kind {
+        TableKind::None => size,
+        _ => size.saturating_sub(room) / GROW_ALIGN * GROW_ALIGN,
+    };
     let what = match table.partitions.last() {
         Some(p) if table.kind != TableKind::None => format!("partition {}", p.number),
         _ => "the file system".to_string(),
@@ -214,4 +217,28 @@ pub fn too_small(m: &Manifest, used_end: u64, size: u64) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_small_says_when_the_used_blocks_themselves_do_not_fit() {
+        // A bare file system of 1 MiB, its used blocks ending at byte 69632.
+        let m = crate::image::manifest::tests::sample();
+        let e = too_small(&m, 69632, 32768);
+        assert_eq!(
+            e,
+            "the disk is too small for image t: 32.0 KiB (32768 bytes), 1015808 bytes short of the 1048576 bytes \
+             the image needs. The image uses 8.0 KiB (8192 bytes), but its used blocks reach byte 69632, past byte 32768 \
+             where the file system would have to end on this disk: shrinking the file system on the master (resize2fs, \
+             ntfsresize or the OS's disk manager move the data down) to end by byte 32768 is needed before capturing"
+        );
+        let e = too_small(&m, 69632, 4096);
+        assert!(
+            e.ends_with("before capturing, and the master holds more data than this disk can take: delete some"),
+            "{e}"
+        );
+    }
 }

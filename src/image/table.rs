@@ -601,4 +601,105 @@ mod tests {
         let e = read(&f, size, 512).unwrap_err().to_string();
         assert!(e.contains("partition 1 ends at byte 2^64 or more"), "{e}");
     }
+
+    /// A file of `size` bytes holding `bytes` at 0 and `tail` at `tail_at`.
+    fn disk_file(size: u64, bytes: &[u8], tail: Option<(&[u8], u64)>) -> File {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, 0).unwrap();
+        if let Some((t, at)) = tail {
+            std::os::unix::fs::FileExt::write_all_at(&f, t, at).unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn grow_last_runs_a_gpt_partition_to_the_aligned_end_with_both_tables_valid() {
+        let (f, size) = gpt_disk(128);
+        let mut head = vec![0u8; size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+        let t = read(&f, size, 512).unwrap();
+        let big = 4u64 << 20;
+        let (g, backup) = grow_last(&mut head, &t, 1, big).unwrap().unwrap();
+        // 8192 sectors, 33 for the backup table: usable up to 8159, aligned down.
+        assert_eq!(
+            g,
+            Growth {
+                number: 1,
+                start: 64 * 512,
+                old_end: 128 * 512,
+                new_end: 6144 * 512
+            }
+        );
+        let b = backup.unwrap();
+        assert_eq!(b.end(), big);
+        let grown = disk_file(big, &head, Some((&b.backup, b.backup_start)));
+        let t2 = read(&grown, big, 512).unwrap();
+        assert_eq!(
+            (t2.partitions[0].start, t2.partitions[0].end()),
+            (64 * 512, 6144 * 512)
+        );
+        // The backup alone says the same (primary header wiped).
+        let mut grown = grown;
+        std::os::unix::fs::FileExt::write_all_at(&grown, &[0; 8], 512).unwrap();
+        let gpt = gptman::GPT::read_from(&mut grown, 512).unwrap();
+        assert_eq!(gpt.header.primary_lba, 8191, "read from the backup");
+        assert_eq!((gpt[1].starting_lba, gpt[1].ending_lba), (64, 6143));
+        // Grown again on the same disk: nothing to do, nothing changed.
+        let before = head.clone();
+        assert_eq!(
+            grow_last(&mut head, &t2, 1, big).unwrap().map(|x| x.0),
+            None
+        );
+        assert_eq!(head, before);
+    }
+
+    #[test]
+    fn grow_last_refuses_a_partition_that_is_not_last() {
+        let (f, size) = gpt_disk_edited(|_, e| {
+            // A second entry, before the first on the disk.
+            e[128..144].copy_from_slice(&[1; 16]);
+            e[144..160].copy_from_slice(&[3; 16]);
+            e[160..168].copy_from_slice(&34u64.to_le_bytes());
+            e[168..176].copy_from_slice(&63u64.to_le_bytes());
+        });
+        let mut head = vec![0u8; size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+        let t = read(&f, size, 512).unwrap();
+        let e = grow_last(&mut head, &t, 2, 4 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("partition 2 is not the last on the disk (partition 1 lies after it)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn grow_last_of_an_mbr_partition_stops_where_32_bit_sectors_end() {
+        let mut s0 = vec![0u8; 512];
+        s0[446 + 4] = 0x83;
+        s0[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        s0[446 + 12..446 + 16].copy_from_slice(&2048u32.to_le_bytes());
+        s0[510..].copy_from_slice(&[0x55, 0xAA]);
+        let f = disk_file(4 << 20, &s0, None);
+        let t = read(&f, 4 << 20, 512).unwrap();
+        assert_eq!(t.kind, TableKind::Mbr);
+        let mut head = s0.clone();
+        let (g, backup) = grow_last(&mut head, &t, 1, 3 << 40).unwrap().unwrap();
+        assert!(backup.is_none());
+        let end = u64::from(u32::MAX) / 2048 * 2048;
+        assert_eq!((g.start, g.new_end), (2048 * 512, end * 512));
+        assert_eq!(
+            head[446 + 12..446 + 16],
+            ((end - 2048) as u32).to_le_bytes()
+        );
+        assert_eq!(head[446 + 5..446 + 8], [0xFE, 0xFF, 0xFF]);
+        // A small disk: to its last MiB, CHS worked out.
+        let mut head = s0.clone();
+        let (g, _) = grow_last(&mut head, &t, 1, 8 << 20).unwrap().unwrap();
+        assert_eq!(g.new_end, 8 << 20);
+        assert_eq!(chs(16383), [5, 4, 1]);
+        assert_eq!(chs(300 * 255 * 63), [0, 1 | (1 << 6), 44]);
+    }
 }
