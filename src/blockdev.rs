@@ -240,6 +240,11 @@ impl Loop {
     /// Attaches bytes `offset..offset + len` of `backing`.
     pub fn attach(backing: &File, offset: u64, len: u64) -> Result<Self> {
         use std::os::fd::AsRawFd;
+        if !Path::new("/dev/loop-control").exists() {
+            // A modular loop driver is not loaded by udev (no hardware asks
+            // for it); the deploy system carries it (initramfs/build).
+            let _ = std::process::Command::new("modprobe").arg("loop").status();
+        }
         let ctl = File::open("/dev/loop-control")
             .context("opening /dev/loop-control (is the loop module loaded?)")?;
         // Another process may take the free device first: try again.

@@ -334,6 +334,7 @@ fn a_disk_too_small_says_by_how_much_and_what_to_capture() {
         blockswarm::util::human_bytes(m.payload.size),
         m.payload.size
     );
+    eprintln!("{out}");
     assert!(out.contains(&want), "got:\n{out}\nwant:\n{want}");
     assert!(
         std::fs::read(&tgt).unwrap().iter().all(|&b| b == MARK),
