@@ -106,6 +106,22 @@ fn check_grown(image: &Path, master: &Path, tgt: &Path, fs: &str) {
                 assert_eq!(&sha256(&f), hash, "{name}");
             }
         }
+        "btrfs" => {
+            let sb = sh(Command::new("btrfs")
+                .args(["inspect-internal", "dump-super"])
+                .arg(&part));
+            let sb = String::from_utf8_lossy(&sb.stdout);
+            assert_eq!(field(&sb, "total_bytes"), p.size, "btrfs size:\n{sb}");
+            sh(Command::new("btrfs")
+                .args(["check", "--readonly"])
+                .arg(&part));
+            let files = dir.path().join("files");
+            std::fs::create_dir(&files).unwrap();
+            sh(Command::new("btrfs").arg("restore").arg(&part).arg(&files));
+            for (name, hash) in &sums {
+                assert_eq!(&sha256(&files.join(name)), hash, "{name}");
+            }
+        }
         other => panic!("no check for {other}"),
     }
     // The grown file system's own blocks may change; the GPT was refitted.
@@ -115,8 +131,12 @@ fn check_grown(image: &Path, master: &Path, tgt: &Path, fs: &str) {
 /// A target 1.5 times the size of `master`.
 fn larger_target(dir: &Path, master: &Path) -> PathBuf {
     let size = std::fs::metadata(master).unwrap().len();
+    target_of(dir, size * 3 / 2 / 512 * 512)
+}
+
+fn target_of(dir: &Path, size: u64) -> PathBuf {
     let tgt = dir.join("pc.img");
-    blank_target(&tgt, size * 3 / 2 / 512 * 512, true);
+    blank_target(&tgt, size, true);
     tgt
 }
 
@@ -186,6 +206,55 @@ fn ntfs_last_partition_grows_to_the_end() {
 }
 
 #[test]
+fn btrfs_last_partition_grows_to_the_end() {
+    let t = tempfile::tempdir().unwrap();
+    // GPT, one btrfs (128 MiB: mkfs.btrfs's smallest with DUP metadata).
+    let master = t.path().join("master.img");
+    sh(Command::new("truncate").args(["-s", "130M"]).arg(&master));
+    sh(Command::new("sgdisk")
+        .args(["-n", "1:1M:+128M", "-t", "1:8300"])
+        .arg(&master));
+    let files = t.path().join("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    for (i, name) in ["a.txt", "sub/b.bin", "sub/c.bin"].iter().enumerate() {
+        let data: Vec<u8> = (0..(i as u32 + 1) * 300_000)
+            .map(|x| (u64::from(x) * 7919 % 251) as u8)
+            .collect();
+        std::fs::write(files.join(name), data).unwrap();
+    }
+    let sums_dir = PathBuf::from(format!("{}.files", master.display()));
+    std::fs::create_dir(&sums_dir).unwrap();
+    let list = sh(Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f | sort | xargs sha256sum")
+        .current_dir(&files));
+    std::fs::write(sums_dir.join("p1.sha256"), list.stdout).unwrap();
+    let part = t.path().join("p1.img");
+    sh(Command::new("truncate").args(["-s", "128M"]).arg(&part));
+    sh(Command::new("mkfs.btrfs")
+        .args(["-q", "--rootdir"])
+        .arg(&files)
+        .arg(&part));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 128 * MIB);
+    sh(Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", master.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc", "status=none"]));
+    let image = t.path().join("images/lab");
+    capture(&master, &image, true);
+    let srv = server(t.path(), "lab", "grow = \"last\"\n");
+    // The kernel resizes btrfs to 256 MiB or more only.
+    let tgt = target_of(t.path(), 325 * MIB);
+    let mut a = Agent::start(&srv.url, "52:54:00:00:40:06", &tgt);
+    a.wait_ok(180);
+    let log = a.log();
+    let line = grew_line(&log);
+    assert!(line.contains("grew partition 1 (btrfs)"), "{line}");
+    eprintln!("{line}");
+    check_grown(&image, &master, &tgt, "btrfs");
+}
+
+#[test]
 fn grow_on_a_disk_of_the_image_size_changes_nothing() {
     let t = tempfile::tempdir().unwrap();
     let master = mkdisk(t.path(), "master.img", "gpt-end", 24);
@@ -227,7 +296,7 @@ fn grow_of_a_file_system_it_cannot_grow_is_refused_and_changes_nothing() {
     let log = a.log();
     assert!(!st.success(), "{log}");
     assert!(
-        log.contains("partition 6 holds a swap file system: grow = \"last\" grows ext2/3/4 and NTFS only (nothing was changed)"),
+        log.contains("partition 6 holds a swap file system: grow = \"last\" grows ext2/3/4, NTFS and btrfs only (nothing was changed)"),
         "{log}"
     );
     assert_eq!(table_of(&tgt).partitions, table_of(&master).partitions);

@@ -20,18 +20,35 @@ use crate::util::human_bytes;
 pub fn check_supported(kind: &FsKind, number: u32) -> Result<()> {
     match kind {
         FsKind::Ext4 | FsKind::Ntfs => Ok(()),
-        FsKind::Other(k) if k == "btrfs" || k == "xfs" => bail!(
-            "partition {number} holds {k}: growing it needs it mounted, which the agent does not do yet; \
-             grow = \"last\" grows ext2/3/4 and NTFS (nothing was changed)"
-        ),
+        k if is_btrfs(k) => Ok(()),
         k => bail!(
-            "partition {number} holds {}: grow = \"last\" grows ext2/3/4 and NTFS only (nothing was changed)",
+            "partition {number} holds {}: grow = \"last\" grows ext2/3/4, NTFS and btrfs only (nothing was changed)",
             match k {
                 FsKind::Unknown => "no file system this can tell".to_string(),
                 k => format!("a {k} file system"),
             }
         ),
     }
+}
+
+/// The kernel grows btrfs only to this size or more (its resize ioctl
+/// refuses a smaller one with EINVAL).
+const BTRFS_MIN: u64 = 256 << 20;
+
+/// Refuses, before anything is written, a size the tools would refuse.
+pub fn check_new_size(kind: &FsKind, number: u32, len: u64) -> Result<()> {
+    if is_btrfs(kind) && len < BTRFS_MIN {
+        bail!(
+            "partition {number} holds btrfs, which the kernel resizes only to {} or more, and it would be {} (nothing was changed)",
+            human_bytes(BTRFS_MIN),
+            human_bytes(len)
+        );
+    }
+    Ok(())
+}
+
+fn is_btrfs(kind: &FsKind) -> bool {
+    matches!(kind, FsKind::Other(k) if k == "btrfs")
 }
 
 /// Before anything is written: the file system on `dev` must be clean.
@@ -51,6 +68,8 @@ pub fn check_before(kind: &FsKind, dev: &Path) -> Result<()> {
             None,
         )
         .context("the NTFS cannot be resized as imaged: refusing to grow it"),
+        k if is_btrfs(k) => run(Command::new("btrfs").args(["check", "--readonly"]).arg(dev), None)
+            .context("the btrfs does not check clean as imaged: refusing to grow it"),
         k => check_supported(k, 0),
     }
 }
@@ -67,6 +86,17 @@ pub fn resize(kind: &FsKind, dev: &Path) -> Result<()> {
             Command::new("ntfsresize").arg("--no-progress-bar").arg(dev),
             Some(b"y\n"),
         ),
+        // btrfs grows only mounted: the kernel's driver does it.
+        k if is_btrfs(k) => {
+            let m = TempMount::new(dev, "btrfs")?;
+            run(
+                Command::new("btrfs")
+                    .args(["filesystem", "resize", "max"])
+                    .arg(m.dir.path()),
+                None,
+            )?;
+            m.unmount()
+        }
         k => check_supported(k, 0),
     }
 }
@@ -77,6 +107,10 @@ pub fn check_after(kind: &FsKind, dev: &Path) -> Result<()> {
         FsKind::Ext4 => run(Command::new("e2fsck").arg("-f").arg("-n").arg(dev), None),
         // (ntfsresize --info now refuses: the volume is scheduled for chkdsk.)
         FsKind::Ntfs => run(Command::new("ntfsfix").arg("-n").arg(dev), None),
+        k if is_btrfs(k) => run(
+            Command::new("btrfs").args(["check", "--readonly"]).arg(dev),
+            None,
+        ),
         k => check_supported(k, 0),
     }
     .context("the grown file system does not check clean")
@@ -106,7 +140,57 @@ pub fn fs_size(kind: &FsKind, dev: &DevSlice) -> Result<u64> {
                 .and_then(|s| s.checked_mul(bps))
                 .context("NTFS boot sector: size overflows")
         }
+        k if is_btrfs(k) => {
+            let sb = dev.read_vec(BTRFS_SUPER, 0x78)?;
+            if &sb[0x40..0x48] != b"_BHRfS_M" {
+                bail!("no btrfs superblock at byte {BTRFS_SUPER}");
+            }
+            Ok(u64::from_le_bytes(sb[0x70..0x78].try_into().unwrap()))
+        }
         k => bail!("no size reader for {k}"),
+    }
+}
+
+/// Where btrfs keeps its first superblock.
+const BTRFS_SUPER: u64 = 64 << 10;
+
+/// A file system mounted on a fresh directory for a tool that works only on
+/// mounted ones; unmounted (and the directory removed) when dropped.
+struct TempMount {
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+impl TempMount {
+    fn new(dev: &Path, fstype: &str) -> Result<Self> {
+        use nix::mount::{MsFlags, mount};
+        let dir = tempfile::Builder::new()
+            .prefix("blockswarm-grow")
+            .tempdir()
+            .context("making a mount point")?;
+        let flags =
+            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        mount(Some(dev), dir.path(), Some(fstype), flags, None::<&str>).with_context(|| {
+            format!(
+                "mounting {} ({fstype}) to grow it: does the kernel have the {fstype} driver?",
+                dev.display()
+            )
+        })?;
+        Ok(Self { dir, mounted: true })
+    }
+
+    fn unmount(mut self) -> Result<()> {
+        self.mounted = false;
+        nix::mount::umount(self.dir.path())
+            .with_context(|| format!("unmounting {}", self.dir.path().display()))
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = nix::mount::umount(self.dir.path());
+        }
     }
 }
 
@@ -222,6 +306,17 @@ pub fn too_small(m: &Manifest, used_end: u64, size: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn btrfs_below_256_mib_is_refused_before_anything_is_written() {
+        let btrfs = FsKind::Other("btrfs".into());
+        let e = check_new_size(&btrfs, 2, 200 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partition 2 holds btrfs, which the kernel resizes only to 256.0 MiB or more, and it would be 200.0 MiB"), "{e}");
+        check_new_size(&btrfs, 2, 256 << 20).unwrap();
+        check_new_size(&FsKind::Ext4, 2, 8 << 20).unwrap();
+    }
 
     #[test]
     fn too_small_says_when_the_used_blocks_themselves_do_not_fit() {

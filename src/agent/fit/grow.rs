@@ -57,6 +57,7 @@ fn grow_last(target: &Target) -> Result<()> {
         return Ok(());
     };
     let (old_len, new_len) = (g.old_end - g.start, g.new_end - g.start);
+    fsgrow::check_new_size(&kind, g.number, new_len)?;
     let fs_before = fsgrow::fs_size(&kind, &DevSlice::new(&dev.file, g.start, old_len))?;
     {
         let lp = Loop::attach(&dev.file, g.start, old_len)?;
