@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockswarm::image::Image;
-use blockswarm::image::table::{self, PartitionTable};
+use blockswarm::image::table::{self, PartitionTable, TableKind};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -45,18 +45,23 @@ fn field(out: &str, key: &str) -> u64 {
 /// files intact; every other used byte of the image as the master's.
 fn check_grown(image: &Path, master: &Path, tgt: &Path, fs: &str) {
     let size = std::fs::metadata(tgt).unwrap().len();
-    let v = sh(Command::new("sgdisk").arg("-v").arg(tgt));
-    let v = String::from_utf8_lossy(&v.stdout);
-    assert!(v.contains("No problems found"), "sgdisk -v:\n{v}");
     let want = table_of(master);
+    let end = if want.kind == TableKind::Gpt {
+        let v = sh(Command::new("sgdisk").arg("-v").arg(tgt));
+        let v = String::from_utf8_lossy(&v.stdout);
+        assert!(v.contains("No problems found"), "sgdisk -v:\n{v}");
+        // Last usable LBA + 1 = sectors - 33 (128 entries and the backup header).
+        (size / 512 - 33) / 2048 * 2048 * 512
+    } else {
+        sh(Command::new("sfdisk").arg("--verify").arg(tgt));
+        size / MIB * MIB
+    };
     let got = table_of(tgt);
     let n = got.partitions.len();
     assert_eq!(n, want.partitions.len());
     assert_eq!(got.partitions[..n - 1], want.partitions[..n - 1]);
     let (old, p) = (&want.partitions[n - 1], &got.partitions[n - 1]);
     assert_eq!((p.number, p.start), (old.number, old.start));
-    // Last usable LBA + 1 = sectors - 33 (128 entries and the backup header).
-    let end = (size / 512 - 33) / 2048 * 2048 * 512;
     assert_eq!(p.end(), end, "the last partition does not reach the end");
     assert!(p.size > old.size + size / 4, "{} from {}", p.size, old.size);
 
@@ -252,6 +257,55 @@ fn btrfs_last_partition_grows_to_the_end() {
     assert!(line.contains("grew partition 1 (btrfs)"), "{line}");
     eprintln!("{line}");
     check_grown(&image, &master, &tgt, "btrfs");
+}
+
+#[test]
+fn mbr_primary_last_partition_grows_to_the_end() {
+    let t = tempfile::tempdir().unwrap();
+    // MBR: a FAT16 and an ext4, both primary.
+    let master = t.path().join("master.img");
+    sh(Command::new("truncate").args(["-s", "50M"]).arg(&master));
+    let mut sf = Command::new("sfdisk");
+    sf.arg("-q").arg(&master).stdin(Stdio::piped());
+    let mut child = sf.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, size=8M, type=6\nstart=18432, size=40M, type=83\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let files = t.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("a.txt"), vec![b'a'; 200_000]).unwrap();
+    let sums_dir = PathBuf::from(format!("{}.files", master.display()));
+    std::fs::create_dir(&sums_dir).unwrap();
+    std::fs::write(
+        sums_dir.join("p2.sha256"),
+        format!("{}  ./a.txt\n", sha256(&files.join("a.txt"))),
+    )
+    .unwrap();
+    let part = t.path().join("p2.img");
+    sh(Command::new("truncate").args(["-s", "40M"]).arg(&part));
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&files)
+        .arg(&part));
+    sh(Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", master.display()))
+        .args(["bs=1M", "seek=9", "conv=notrunc", "status=none"]));
+    let image = t.path().join("images/lab");
+    capture(&master, &image, true);
+    let srv = server(t.path(), "lab", "grow = \"last\"\n");
+    let tgt = larger_target(t.path(), &master);
+    let mut a = Agent::start(&srv.url, "52:54:00:00:40:07", &tgt);
+    a.wait_ok(180);
+    let log = a.log();
+    let line = grew_line(&log);
+    assert!(line.contains("grew partition 2 (ext)"), "{line}");
+    check_grown(&image, &master, &tgt, "ext");
 }
 
 #[test]

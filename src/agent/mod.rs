@@ -207,9 +207,11 @@ async fn deploy(
     session.stop().await;
     // Fitting the disk to this PC changes blocks of the image: only once
     // nobody fetches them from this disk any more.
-    rep.send(AgentState::Finishing, None, None).await;
-    let job = j.clone();
-    tokio::task::spawn_blocking(move || fit::run(&target, &job)).await??;
+    if fit::needed(j) {
+        rep.send(AgentState::Finishing, None, None).await;
+        let job = j.clone();
+        tokio::task::spawn_blocking(move || fit::run(&target, &job)).await??;
+    }
     Ok(j.on_done)
 }
 

@@ -20,6 +20,9 @@
 //!    next boot resumes) or the whole boot area. Then it reads all of that
 //!    back, and re-hashes from the disk the pieces that share the first and
 //!    the last MiB with those writes (every piece with `verify = "readback"`).
+//! 5. Steps after imaging that change the disk (`agent::fit`, grow) put the
+//!    marker back first ([`Target::hold`]) and sector 0 last
+//!    ([`Target::release`]): a power cut between leaves a run to resume.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;

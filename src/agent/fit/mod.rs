@@ -8,9 +8,14 @@
 use anyhow::Result;
 
 use super::target::Target;
-use crate::protocol::Job;
+use crate::protocol::{Grow, Job};
 
 pub mod grow;
+
+/// Whether `job` asks for any step here.
+pub fn needed(job: &Job) -> bool {
+    job.grow != Grow::None
+}
 
 pub fn run(target: &Target, job: &Job) -> Result<()> {
     grow::run(target, job.grow)?;
