@@ -127,6 +127,29 @@ fn check_grown(image: &Path, master: &Path, tgt: &Path, fs: &str) {
                 assert_eq!(&sha256(&files.join(name)), hash, "{name}");
             }
         }
+        "xfs" => {
+            let db = sh(Command::new("xfs_db")
+                .args(["-r", "-c", "sb 0", "-c", "p dblocks", "-c", "p blocksize"])
+                .arg(&part));
+            let db = String::from_utf8_lossy(&db.stdout);
+            let bytes = field(&db, "dblocks =") * field(&db, "blocksize =");
+            assert_eq!(bytes, p.size, "xfs size:\n{db}");
+            sh(Command::new("xfs_repair").arg("-n").arg(&part));
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            sh(Command::new("mount")
+                .args(["-o", "ro,loop,norecovery,nouuid"])
+                .arg(&part)
+                .arg(&mnt));
+            let hashes: Vec<(String, String)> = sums
+                .iter()
+                .map(|(name, hash)| (sha256(&mnt.join(name)), hash.clone()))
+                .collect();
+            sh(Command::new("umount").arg(&mnt));
+            for (got, want) in hashes {
+                assert_eq!(got, want);
+            }
+        }
         other => panic!("no check for {other}"),
     }
     // The grown file system's own blocks may change; the GPT was refitted.
@@ -260,6 +283,54 @@ fn btrfs_last_partition_grows_to_the_end() {
 }
 
 #[test]
+fn xfs_last_partition_grows_to_the_end() {
+    let t = tempfile::tempdir().unwrap();
+    // GPT, one 300 MiB xfs (mkfs.xfs's smallest), files copied in mounted.
+    let master = t.path().join("master.img");
+    sh(Command::new("truncate").args(["-s", "302M"]).arg(&master));
+    sh(Command::new("sgdisk")
+        .args(["-n", "1:1M:+300M", "-t", "1:8300"])
+        .arg(&master));
+    let part = t.path().join("p1.img");
+    sh(Command::new("truncate").args(["-s", "300M"]).arg(&part));
+    sh(Command::new("mkfs.xfs").arg("-q").arg(&part));
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    sh(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&part)
+        .arg(&mnt));
+    let mut list = String::new();
+    for (i, name) in ["a.txt", "b.bin"].iter().enumerate() {
+        let data: Vec<u8> = (0..(i as u64 + 1) * 400_000)
+            .map(|x| (x * 7919 % 251) as u8)
+            .collect();
+        std::fs::write(mnt.join(name), data).unwrap();
+        list += &format!("{}  ./{name}\n", sha256(&mnt.join(name)));
+    }
+    sh(Command::new("umount").arg(&mnt));
+    let sums_dir = PathBuf::from(format!("{}.files", master.display()));
+    std::fs::create_dir(&sums_dir).unwrap();
+    std::fs::write(sums_dir.join("p1.sha256"), list).unwrap();
+    sh(Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", master.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc", "status=none"]));
+    let image = t.path().join("images/lab");
+    capture(&master, &image, true);
+    let srv = server(t.path(), "lab", "grow = \"last\"\n");
+    let tgt = larger_target(t.path(), &master);
+    let mut a = Agent::start(&srv.url, "52:54:00:00:40:08", &tgt);
+    a.wait_ok(180);
+    let log = a.log();
+    let line = grew_line(&log);
+    assert!(line.contains("grew partition 1 (xfs)"), "{line}");
+    eprintln!("{line}");
+    check_grown(&image, &master, &tgt, "xfs");
+}
+
+#[test]
 fn mbr_primary_last_partition_grows_to_the_end() {
     let t = tempfile::tempdir().unwrap();
     // MBR: a FAT16 and an ext4, both primary.
@@ -350,7 +421,7 @@ fn grow_of_a_file_system_it_cannot_grow_is_refused_and_changes_nothing() {
     let log = a.log();
     assert!(!st.success(), "{log}");
     assert!(
-        log.contains("partition 6 holds a swap file system: grow = \"last\" grows ext2/3/4, NTFS and btrfs only (nothing was changed)"),
+        log.contains("partition 6 holds a swap file system: grow = \"last\" grows ext2/3/4, NTFS, btrfs and xfs only (nothing was changed)"),
         "{log}"
     );
     assert_eq!(table_of(&tgt).partitions, table_of(&master).partitions);

@@ -20,9 +20,9 @@ use crate::util::human_bytes;
 pub fn check_supported(kind: &FsKind, number: u32) -> Result<()> {
     match kind {
         FsKind::Ext4 | FsKind::Ntfs => Ok(()),
-        k if is_btrfs(k) => Ok(()),
+        k if is_btrfs(k) || is_xfs(k) => Ok(()),
         k => bail!(
-            "partition {number} holds {}: grow = \"last\" grows ext2/3/4, NTFS and btrfs only (nothing was changed)",
+            "partition {number} holds {}: grow = \"last\" grows ext2/3/4, NTFS, btrfs and xfs only (nothing was changed)",
             match k {
                 FsKind::Unknown => "no file system this can tell".to_string(),
                 k => format!("a {k} file system"),
@@ -51,6 +51,10 @@ fn is_btrfs(kind: &FsKind) -> bool {
     matches!(kind, FsKind::Other(k) if k == "btrfs")
 }
 
+fn is_xfs(kind: &FsKind) -> bool {
+    matches!(kind, FsKind::Other(k) if k == "xfs")
+}
+
 /// Before anything is written: the file system on `dev` must be clean.
 /// e2fsck -f -y also records the check that resize2fs asks for; on a disk
 /// just written and verified piece by piece it finds nothing to fix, and
@@ -70,6 +74,8 @@ pub fn check_before(kind: &FsKind, dev: &Path) -> Result<()> {
         .context("the NTFS cannot be resized as imaged: refusing to grow it"),
         k if is_btrfs(k) => run(Command::new("btrfs").args(["check", "--readonly"]).arg(dev), None)
             .context("the btrfs does not check clean as imaged: refusing to grow it"),
+        k if is_xfs(k) => run(Command::new("xfs_repair").arg("-n").arg(dev), None)
+            .context("the xfs does not check clean as imaged: refusing to grow it"),
         k => check_supported(k, 0),
     }
 }
@@ -97,6 +103,12 @@ pub fn resize(kind: &FsKind, dev: &Path) -> Result<()> {
             )?;
             m.unmount()
         }
+        // So does xfs.
+        k if is_xfs(k) => {
+            let m = TempMount::new(dev, "xfs")?;
+            run(Command::new("xfs_growfs").arg(m.dir.path()), None)?;
+            m.unmount()
+        }
         k => check_supported(k, 0),
     }
 }
@@ -111,6 +123,7 @@ pub fn check_after(kind: &FsKind, dev: &Path) -> Result<()> {
             Command::new("btrfs").args(["check", "--readonly"]).arg(dev),
             None,
         ),
+        k if is_xfs(k) => run(Command::new("xfs_repair").arg("-n").arg(dev), None),
         k => check_supported(k, 0),
     }
     .context("the grown file system does not check clean")
@@ -146,6 +159,18 @@ pub fn fs_size(kind: &FsKind, dev: &DevSlice) -> Result<u64> {
                 bail!("no btrfs superblock at byte {BTRFS_SUPER}");
             }
             Ok(u64::from_le_bytes(sb[0x70..0x78].try_into().unwrap()))
+        }
+        k if is_xfs(k) => {
+            // Big-endian: block size, then data blocks.
+            let sb = dev.read_vec(0, 16)?;
+            if &sb[..4] != b"XFSB" {
+                bail!("no xfs superblock");
+            }
+            let bs = u64::from(u32::from_be_bytes(sb[4..8].try_into().unwrap()));
+            let blocks = u64::from_be_bytes(sb[8..16].try_into().unwrap());
+            blocks
+                .checked_mul(bs)
+                .context("xfs superblock: size overflows")
         }
         k => bail!("no size reader for {k}"),
     }
