@@ -17,7 +17,7 @@ use crate::blockdev::Loop;
 use crate::image::extent::DevSlice;
 use crate::image::fs::FsKind;
 use crate::image::grow as fsgrow;
-use crate::image::table::{self, GROW_ALIGN};
+use crate::image::table::{self, FittedGpt, GROW_ALIGN, Growth};
 use crate::protocol::Grow;
 use crate::storage::HEAD_LEN;
 use crate::util::{fault_point, human_bytes};
@@ -65,35 +65,13 @@ fn grow_last(target: &Target) -> Result<()> {
     }
 
     target.hold()?;
-    if let Some(b) = &backup {
-        target.write_at(&b.backup, b.backup_start, "the backup GPT")?;
-    }
-    // The primary's changed bytes: sector 0 (the marker now) comes last.
+    // Until sector 0 is written, the disk boots nothing: say so on failure.
     let first = ss as usize;
-    let changed: Vec<usize> = (first..head.len())
-        .filter(|&i| head[i] != old_head[i])
-        .collect();
-    if let (Some(&lo), Some(&hi)) = (changed.first(), changed.last()) {
-        target.write_at(&head[lo..=hi], lo as u64, "the grown table")?;
-    }
-    fault_point("grow:table");
-    {
-        let lp = Loop::attach(&dev.file, g.start, new_len)?;
-        fsgrow::resize(&kind, &lp.path)
-            .with_context(|| format!("growing partition {}'s file system", g.number))?;
-        fault_point("grow:resized");
-        fsgrow::check_after(&kind, &lp.path)?;
-    }
-    dev.file
-        .sync_data()
-        .context("flushing the grown file system")?;
-    let fs_after = fsgrow::fs_size(&kind, &DevSlice::new(&dev.file, g.start, new_len))?;
-    if fs_after <= fs_before || fs_after > new_len {
-        bail!(
-            "partition {}'s file system is {fs_after} bytes after the resize (it was {fs_before}, the partition is {new_len})",
-            g.number
-        );
-    }
+    let fs_after = write_and_resize(target, &head, &old_head, backup.as_ref(), &g, &kind, fs_before)
+        .context(
+            "the disk shows no table until this is done (the in-progress marker is in its first sector): \
+             re-image this PC, which resumes and grows again",
+        )?;
     target.release(&head[..first])?;
 
     // Read back: what the disk's table says now.
@@ -125,4 +103,50 @@ fn grow_last(target: &Target) -> Result<()> {
         human_bytes(fs_after)
     );
     Ok(())
+}
+
+/// The writes between [`Target::hold`] and [`Target::release`]: the table
+/// (sector 0 excepted), then the file system's resize and check. Returns
+/// the file system's new size.
+fn write_and_resize(
+    target: &Target,
+    head: &[u8],
+    old_head: &[u8],
+    backup: Option<&FittedGpt>,
+    g: &Growth,
+    kind: &FsKind,
+    fs_before: u64,
+) -> Result<u64> {
+    let dev = target.dev();
+    let new_len = g.new_end - g.start;
+    if let Some(b) = backup {
+        target.write_at(&b.backup, b.backup_start, "the backup GPT")?;
+    }
+    // The primary's changed bytes: sector 0 (the marker now) comes last.
+    let first = dev.sector_size as usize;
+    let changed: Vec<usize> = (first..head.len())
+        .filter(|&i| head[i] != old_head[i])
+        .collect();
+    if let (Some(&lo), Some(&hi)) = (changed.first(), changed.last()) {
+        target.write_at(&head[lo..=hi], lo as u64, "the grown table")?;
+    }
+    fault_point("grow:table");
+    {
+        let lp = Loop::attach(&dev.file, g.start, new_len)?;
+        fsgrow::resize(kind, &lp.path)
+            .with_context(|| format!("growing partition {}'s file system", g.number))?;
+        fault_point("grow:resized");
+        fsgrow::check_after(kind, &lp.path)?;
+    }
+    dev.file
+        .sync_data()
+        .context("flushing the grown file system")?;
+    let fs_after = fsgrow::fs_size(kind, &DevSlice::new(&dev.file, g.start, new_len))?;
+    if fs_after <= fs_before || fs_after > new_len {
+        bail!(
+            "partition {}'s file system is {fs_after} bytes after the resize (it was {fs_before}, the partition is {new_len})",
+            g.number
+        );
+    }
+    Ok(fs_after)
 }
