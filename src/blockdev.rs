@@ -193,3 +193,87 @@ fn majmin(rdev: u64) -> String {
         nix::sys::stat::minor(rdev)
     )
 }
+
+/// A loop device over a byte range of an open disk or file, detached when
+/// dropped (the kernel clears it on its last close: `LO_FLAGS_AUTOCLEAR`).
+/// File-system tools that take a device (resize2fs, ntfsresize) run on it:
+/// a partition of a disk image has no node of its own, and one code path
+/// serves disks and files alike. No partition scan is asked for.
+#[derive(Debug)]
+pub struct Loop {
+    pub path: PathBuf,
+    _file: File,
+}
+
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config` of <linux/loop.h>.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
+nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
+
+impl Loop {
+    /// Attaches bytes `offset..offset + len` of `backing`.
+    pub fn attach(backing: &File, offset: u64, len: u64) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        if !Path::new("/dev/loop-control").exists() {
+            // A modular loop driver is not loaded by udev (no hardware asks
+            // for it); the deploy system carries it (initramfs/build).
+            let _ = std::process::Command::new("modprobe").arg("loop").status();
+        }
+        let ctl = File::open("/dev/loop-control")
+            .context("opening /dev/loop-control (is the loop module loaded?)")?;
+        // Another process may take the free device first: try again.
+        for _ in 0..8 {
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+            let n = unsafe { loop_ctl_get_free(ctl.as_raw_fd()) }
+                .context("finding a free loop device")?;
+            let path = PathBuf::from(format!("/dev/loop{n}"));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: LoopConfig is plain data; all-zero is its empty value.
+            let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+            cfg.fd = backing.as_raw_fd() as u32;
+            cfg.info.offset = offset;
+            cfg.info.sizelimit = len;
+            cfg.info.flags = LO_FLAGS_AUTOCLEAR;
+            // SAFETY: the pointer is to a live LoopConfig, which the kernel reads.
+            match unsafe { loop_configure(file.as_raw_fd(), &cfg) } {
+                Ok(_) => return Ok(Self { path, _file: file }),
+                Err(nix::errno::Errno::EBUSY) => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("attaching {} at byte {offset}", path.display()));
+                }
+            }
+        }
+        bail!("no free loop device after 8 tries")
+    }
+}

@@ -198,12 +198,16 @@ async fn deploy(
         rep.send(AgentState::Verifying, Some(&torrent), None).await;
     }
     let verify = j.verify;
-    tokio::task::spawn_blocking(move || target.finish(verify))
+    let target = tokio::task::spawn_blocking(move || target.finish(verify).map(|()| target))
         .await?
         .map_err(|e| DiskFailed(format!("{e:#}")))?;
     info!("{} is imaged, read back and bootable", path.display());
-    // Hooks may run for minutes: the server keeps hearing from this host,
-    // and gets their output as it comes.
+    seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
+    session.stop().await;
+
+    // Fitting changes blocks of the image: only once nobody fetches them
+    // from this disk any more. Hooks may run for minutes: the server keeps
+    // hearing from this host, and gets their output as it comes.
     let fit = fit::Fit {
         job,
         image: &image,
@@ -211,20 +215,17 @@ async fn deploy(
         mnt: mount_root(opts),
         client,
     };
-    let fitting = fit::run(&fit);
+    let fitting = fit::run(&fit, target);
     tokio::pin!(fitting);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             r = &mut fitting => break r?,
             _ = tick.tick() => {
-                rep.send(AgentState::Finishing, Some(&torrent), None).await;
+                rep.send(AgentState::Fitting, None, None).await;
             }
         }
     }
-
-    seed_after(rep, &torrent, j.keep_seeding, j.seed_cap_minutes).await;
-    session.stop().await;
     Ok(j.on_done)
 }
 

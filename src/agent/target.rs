@@ -20,6 +20,9 @@
 //!    next boot resumes) or the whole boot area. Then it reads all of that
 //!    back, and re-hashes from the disk the pieces that share the first and
 //!    the last MiB with those writes (every piece with `verify = "readback"`).
+//! 5. Steps after imaging that change the disk (`agent::fit`, grow) put the
+//!    marker back first ([`Target::hold`]) and sector 0 last
+//!    ([`Target::release`]): a power cut between leaves a run to resume.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
@@ -37,7 +40,6 @@ use crate::image::map::PayloadMap;
 use crate::image::table::{self, FittedGpt, TableKind};
 use crate::protocol::{DiskIdentity, Verify};
 use crate::storage::{DeviceStorage, HEAD_LEN};
-use crate::util::human_bytes;
 
 /// Sector 0 of a disk being imaged starts with this.
 const MARKER_MAGIC: &[u8] = b"BLOCKSWARM-IN-PROGRESS 2\n";
@@ -122,11 +124,9 @@ impl Target {
         let need = m.disk.min_target_size.max(map.device_end());
         if dev.size < need {
             bail!(
-                "{} is too small: {} ({} bytes), the image needs at least {} ({need} bytes)",
+                "{}: {}",
                 dev.path.display(),
-                human_bytes(dev.size),
-                dev.size,
-                human_bytes(need),
+                crate::image::grow::too_small(m, map.device_end(), dev.size)
             );
         }
         if m.disk.table.kind == TableKind::Gpt && dev.sector_size != m.disk.sector_size {
@@ -158,6 +158,53 @@ impl Target {
     /// Which disk this is, to record before the first write.
     pub fn identity(&self) -> &DiskIdentity {
         &self.identity
+    }
+
+    /// The open disk, for the steps after imaging (`agent::fit`).
+    pub fn dev(&self) -> &Dev {
+        &self.dev
+    }
+
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// Puts the in-progress marker back into sector 0 before a step after
+    /// imaging changes the disk (grow): until [`Target::release`], the disk
+    /// shows no table and boots nothing, and a power cut leaves a run of
+    /// this image to resume (every piece re-checked, the table written
+    /// anew, the step done again), never a half-changed disk that boots.
+    pub fn hold(&self) -> Result<()> {
+        // The whole sector: no table entry or boot signature stays.
+        let mut sector = vec![0u8; self.dev.sector_size as usize];
+        let marker = self.marker().encode()?;
+        sector[..marker.len()].copy_from_slice(&marker);
+        self.write_flushed(&sector, 0, "the in-progress marker")
+    }
+
+    /// Ends [`Target::hold`]: writes `sector` (the disk's first sector,
+    /// table included) and reads it back.
+    pub fn release(&self, sector: &[u8]) -> Result<()> {
+        self.write_flushed(sector, 0, "the first sector")?;
+        drop_cache(&self.dev.file);
+        if self.read(0, sector.len())? != sector {
+            bail!(
+                "read-back: the first sector of {} is not what was written",
+                self.dev.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `at` and flushes them (steps after imaging).
+    pub fn write_at(&self, bytes: &[u8], at: u64, what: &str) -> Result<()> {
+        self.write_flushed(bytes, at, what)
+    }
+
+    /// Reads `len` bytes at `at`, from the disk rather than the cache.
+    pub fn read_uncached(&self, at: u64, len: usize) -> Result<Vec<u8>> {
+        drop_cache(&self.dev.file);
+        self.read(at, len)
     }
 
     fn marker(&self) -> Marker {

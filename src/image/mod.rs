@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod extent;
 pub mod fs;
+pub mod grow;
 pub mod manifest;
 pub mod map;
 pub mod table;

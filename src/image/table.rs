@@ -269,6 +269,17 @@ impl FittedGpt {
 /// at the last LBA, last usable LBA before the backup entries, fresh CRCs.
 /// Returns the backup table to write at the end of the disk.
 pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
+    refit_gpt(head, disk_size, ss, |_| Ok(()))
+}
+
+/// [`fit_gpt`], with `edit` applied to the entries once the header is fitted
+/// (last usable LBA known) and before the CRCs are computed.
+fn refit_gpt(
+    head: &mut [u8],
+    disk_size: u64,
+    ss: u64,
+    edit: impl FnOnce(&mut gptman::GPT) -> Result<()>,
+) -> Result<FittedGpt> {
     check_gpt_header(head.get(ss as usize..).unwrap_or_default(), ss)?;
     let tail_len = (1u64 << 20).min(disk_size);
     let mut vdisk = VirtualDisk {
@@ -283,6 +294,7 @@ pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
     gpt.header
         .update_from(&mut vdisk, ss)
         .context("fitting the GPT to the target")?;
+    edit(&mut gpt)?;
     if let Some((i, _)) = gpt
         .iter()
         .find(|(_, p)| p.is_used() && p.ending_lba > gpt.header.last_usable_lba)
@@ -303,6 +315,123 @@ pub fn fit_gpt(head: &mut [u8], disk_size: u64, ss: u64) -> Result<FittedGpt> {
         backup_start,
         backup,
     })
+}
+
+/// A partition grown to the end of a disk: bytes `start..old_end` became
+/// `start..new_end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Growth {
+    pub number: u32,
+    pub start: u64,
+    pub old_end: u64,
+    pub new_end: u64,
+}
+
+/// Where a grown partition ends: on a multiple of this, as partitioning
+/// tools align, so that it stays a whole number of any file system's blocks.
+pub const GROW_ALIGN: u64 = 1 << 20;
+
+/// Grows partition `number` of the table in `head` (the disk's first bytes,
+/// edited in place) to the end of a disk of `disk_size` bytes, rounded down
+/// to [`GROW_ALIGN`]. GPT: the entry, both headers and their CRCs; the
+/// backup table to write at the disk's end is returned. MBR: the size of a
+/// primary entry, capped where 32-bit sector numbers end. `None` when the
+/// partition already reaches that end (`head` is then unchanged). Refused
+/// unless `number` is the partition that lies last on the disk.
+pub fn grow_last(
+    head: &mut [u8],
+    table: &PartitionTable,
+    number: u32,
+    disk_size: u64,
+) -> Result<Option<(Growth, Option<FittedGpt>)>> {
+    let ss = table.sector_size;
+    let Some(last) = table.partitions.last() else {
+        bail!("the disk has no partitions");
+    };
+    if last.number != number {
+        bail!(
+            "partition {number} is not the last on the disk (partition {} lies after it): refusing to grow it",
+            last.number
+        );
+    }
+    let align = GROW_ALIGN.max(ss) / ss; // in sectors
+    match table.kind {
+        TableKind::Gpt => {
+            let original = head.to_vec();
+            let mut growth = None;
+            let fitted = refit_gpt(head, disk_size, ss, |gpt| {
+                let last_usable = gpt.header.last_usable_lba;
+                if number == 0 || number > gpt.header.number_of_partition_entries {
+                    bail!("GPT partition {number} does not exist");
+                }
+                let p = gpt[number].clone();
+                if let Some((i, _)) = gpt
+                    .iter()
+                    .find(|(i, q)| *i != number && q.is_used() && q.starting_lba >= p.starting_lba)
+                {
+                    bail!(
+                        "partition {number} is not the last on the disk (partition {i} lies after it): refusing to grow it"
+                    );
+                }
+                let new_last = (last_usable + 1) / align * align - 1;
+                if new_last > p.ending_lba {
+                    growth = Some(Growth {
+                        number,
+                        start: p.starting_lba * ss,
+                        old_end: (p.ending_lba + 1) * ss,
+                        new_end: (new_last + 1) * ss,
+                    });
+                    gpt[number].ending_lba = new_last;
+                }
+                Ok(())
+            })?;
+            match growth {
+                Some(g) => Ok(Some((g, Some(fitted)))),
+                None => {
+                    head.copy_from_slice(&original);
+                    Ok(None)
+                }
+            }
+        }
+        TableKind::Mbr => {
+            if last.ebr.is_some() || !(1..=4).contains(&number) {
+                bail!(
+                    "partition {number} is a logical partition: growing it would need its extended partition grown too, which is not done"
+                );
+            }
+            let e = 446 + 16 * (number as usize - 1);
+            let start = u64::from(u32::from_le_bytes(head[e + 8..e + 12].try_into()?));
+            let old = u64::from(u32::from_le_bytes(head[e + 12..e + 16].try_into()?));
+            // An MBR counts sectors in 32 bits: a partition ends by 2^32 - 1.
+            let end = (disk_size / ss).min(u64::from(u32::MAX)) / align * align;
+            if end <= start + old {
+                return Ok(None);
+            }
+            let sectors = u32::try_from(end - start)?;
+            head[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+            head[e + 5..e + 8].copy_from_slice(&chs(end - 1));
+            Ok(Some((
+                Growth {
+                    number,
+                    start: start * ss,
+                    old_end: (start + old) * ss,
+                    new_end: end * ss,
+                },
+                None,
+            )))
+        }
+        TableKind::None => bail!("the disk has no partition table"),
+    }
+}
+
+/// An MBR entry's cylinder-head-sector address of `lba` (255 heads, 63
+/// sectors a track), or the "past 1024 cylinders" value tools write.
+fn chs(lba: u64) -> [u8; 3] {
+    let (c, h, s) = (lba / (255 * 63), (lba / 63) % 255, lba % 63 + 1);
+    if c > 1023 {
+        return [0xFE, 0xFF, 0xFF];
+    }
+    [h as u8, (s as u8) | (((c >> 8) as u8) << 6), c as u8]
 }
 
 /// A protective MBR (one 0xEE entry) covers the whole disk, capped at 2^32-1 sectors.
@@ -471,5 +600,106 @@ mod tests {
         });
         let e = read(&f, size, 512).unwrap_err().to_string();
         assert!(e.contains("partition 1 ends at byte 2^64 or more"), "{e}");
+    }
+
+    /// A file of `size` bytes holding `bytes` at 0 and `tail` at `tail_at`.
+    fn disk_file(size: u64, bytes: &[u8], tail: Option<(&[u8], u64)>) -> File {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, 0).unwrap();
+        if let Some((t, at)) = tail {
+            std::os::unix::fs::FileExt::write_all_at(&f, t, at).unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn grow_last_runs_a_gpt_partition_to_the_aligned_end_with_both_tables_valid() {
+        let (f, size) = gpt_disk(128);
+        let mut head = vec![0u8; size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+        let t = read(&f, size, 512).unwrap();
+        let big = 4u64 << 20;
+        let (g, backup) = grow_last(&mut head, &t, 1, big).unwrap().unwrap();
+        // 8192 sectors, 33 for the backup table: usable up to 8159, aligned down.
+        assert_eq!(
+            g,
+            Growth {
+                number: 1,
+                start: 64 * 512,
+                old_end: 128 * 512,
+                new_end: 6144 * 512
+            }
+        );
+        let b = backup.unwrap();
+        assert_eq!(b.end(), big);
+        let grown = disk_file(big, &head, Some((&b.backup, b.backup_start)));
+        let t2 = read(&grown, big, 512).unwrap();
+        assert_eq!(
+            (t2.partitions[0].start, t2.partitions[0].end()),
+            (64 * 512, 6144 * 512)
+        );
+        // The backup alone says the same (primary header wiped).
+        let mut grown = grown;
+        std::os::unix::fs::FileExt::write_all_at(&grown, &[0; 8], 512).unwrap();
+        let gpt = gptman::GPT::read_from(&mut grown, 512).unwrap();
+        assert_eq!(gpt.header.primary_lba, 8191, "read from the backup");
+        assert_eq!((gpt[1].starting_lba, gpt[1].ending_lba), (64, 6143));
+        // Grown again on the same disk: nothing to do, nothing changed.
+        let before = head.clone();
+        assert_eq!(
+            grow_last(&mut head, &t2, 1, big).unwrap().map(|x| x.0),
+            None
+        );
+        assert_eq!(head, before);
+    }
+
+    #[test]
+    fn grow_last_refuses_a_partition_that_is_not_last() {
+        let (f, size) = gpt_disk_edited(|_, e| {
+            // A second entry, before the first on the disk.
+            e[128..144].copy_from_slice(&[1; 16]);
+            e[144..160].copy_from_slice(&[3; 16]);
+            e[160..168].copy_from_slice(&34u64.to_le_bytes());
+            e[168..176].copy_from_slice(&63u64.to_le_bytes());
+        });
+        let mut head = vec![0u8; size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+        let t = read(&f, size, 512).unwrap();
+        let e = grow_last(&mut head, &t, 2, 4 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("partition 2 is not the last on the disk (partition 1 lies after it)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn grow_last_of_an_mbr_partition_stops_where_32_bit_sectors_end() {
+        let mut s0 = vec![0u8; 512];
+        s0[446 + 4] = 0x83;
+        s0[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        s0[446 + 12..446 + 16].copy_from_slice(&2048u32.to_le_bytes());
+        s0[510..].copy_from_slice(&[0x55, 0xAA]);
+        let f = disk_file(4 << 20, &s0, None);
+        let t = read(&f, 4 << 20, 512).unwrap();
+        assert_eq!(t.kind, TableKind::Mbr);
+        let mut head = s0.clone();
+        let (g, backup) = grow_last(&mut head, &t, 1, 3 << 40).unwrap().unwrap();
+        assert!(backup.is_none());
+        let end = u64::from(u32::MAX) / 2048 * 2048;
+        assert_eq!((g.start, g.new_end), (2048 * 512, end * 512));
+        assert_eq!(
+            head[446 + 12..446 + 16],
+            ((end - 2048) as u32).to_le_bytes()
+        );
+        assert_eq!(head[446 + 5..446 + 8], [0xFE, 0xFF, 0xFF]);
+        // A small disk: to its last MiB, CHS worked out.
+        let mut head = s0.clone();
+        let (g, _) = grow_last(&mut head, &t, 1, 8 << 20).unwrap().unwrap();
+        assert_eq!(g.new_end, 8 << 20);
+        assert_eq!(chs(16383), [5, 4, 1]);
+        assert_eq!(chs(300 * 255 * 63), [0, 1 | (1 << 6), 44]);
     }
 }

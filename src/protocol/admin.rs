@@ -324,7 +324,8 @@ pub enum TileState {
     /// Booted: fetching its job, choosing and checking its disk.
     Booting,
     Downloading,
-    /// Checking what it wrote, writing the partition table.
+    /// Checking what it wrote, writing the partition table; after the
+    /// room is done, fitting the disk to the PC (grow, name, hooks).
     Verifying,
     /// Done, and still seeding its peers.
     Seeding,
@@ -338,13 +339,15 @@ impl TileState {
         match (task, agent) {
             (TaskState::Pending, _) => Self::Pending,
             (TaskState::Done, Some(AgentState::Seeding)) => Self::Seeding,
+            (TaskState::Done, Some(AgentState::Fitting)) => Self::Verifying,
             (TaskState::Done, _) => Self::Done,
             (TaskState::Failed, _) => Self::Failed,
             (TaskState::Cancelled, _) => Self::Cancelled,
             (TaskState::Running, Some(AgentState::Downloading)) => Self::Downloading,
-            (TaskState::Running, Some(AgentState::Verifying | AgentState::Finishing)) => {
-                Self::Verifying
-            }
+            (
+                TaskState::Running,
+                Some(AgentState::Verifying | AgentState::Finishing | AgentState::Fitting),
+            ) => Self::Verifying,
             (TaskState::Running, Some(AgentState::Seeding | AgentState::Done)) => Self::Seeding,
             (TaskState::Running, _) => Self::Booting,
         }

@@ -49,6 +49,10 @@ pub struct Job {
     /// with this label, or for the same ESP, are replaced.
     #[serde(default)]
     pub efi_label: Option<String>,
+    /// After imaging, grow a partition to the end of a larger disk: "none"
+    /// (the default) or "last" (the last partition and its file system).
+    #[serde(default)]
+    pub grow: Grow,
 }
 
 /// The folder of the server's state directory it serves hooks from.
@@ -117,6 +121,7 @@ impl Job {
             hook_timeout: default_hook_timeout(),
             efi_loader: None,
             efi_label: None,
+            grow: Grow::default(),
         }
     }
 }
@@ -158,6 +163,19 @@ pub enum Verify {
     Pieces,
     /// And afterwards the whole image is read back from the disk and checked.
     Readback,
+}
+
+/// Which partition, if any, the agent grows to the end of a larger disk
+/// once the image is written (an enum: other policies may come).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grow {
+    /// Every partition keeps the image's size.
+    #[default]
+    None,
+    /// The last partition runs to the end of the disk, and its file system
+    /// with it (ext2/3/4, NTFS).
+    Last,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -373,13 +391,16 @@ pub enum AgentState {
     Verifying,
     Finishing,
     Seeding,
+    /// Imaged and no longer seeding: growing, naming, running hooks, adding
+    /// the boot entry (src/agent/fit).
+    Fitting,
     Done,
     Failed,
 }
 
 impl AgentState {
     /// Every state, in the order of a job.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::WaitingForJob,
         Self::SelectingDisk,
         Self::Checking,
@@ -387,6 +408,7 @@ impl AgentState {
         Self::Verifying,
         Self::Finishing,
         Self::Seeding,
+        Self::Fitting,
         Self::Done,
         Self::Failed,
     ];
@@ -401,13 +423,16 @@ impl AgentState {
             Self::Verifying => "verifying",
             Self::Finishing => "finishing",
             Self::Seeding => "seeding",
+            Self::Fitting => "fitting",
             Self::Done => "done",
             Self::Failed => "failed",
         }
     }
 
+    /// Imaged: every piece passed its hash and the disk was read back. The
+    /// room's swarm needs nothing more from this host.
     pub fn finished(self) -> bool {
-        matches!(self, Self::Seeding | Self::Done)
+        matches!(self, Self::Seeding | Self::Fitting | Self::Done)
     }
 }
 

@@ -1,7 +1,8 @@
-//! Fitting the imaged disk to this PC, after the image is written and read
-//! back (`Target::finish`): grow -> identity -> hooks -> UEFI boot entry.
-//! Each step changes only the file systems of the target, never the bytes
-//! the swarm verified outside them.
+//! Fitting the imaged disk to this PC, in order: grow -> identity -> hooks
+//! -> UEFI boot entry. They run once the image is written, read back and no
+//! longer seeded: they change blocks of the image, which would then fail
+//! their hashes in the swarm. Each step changes only the table and the file
+//! systems of the target, never the bytes outside them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,10 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tracing::warn;
 
+use super::target::Target;
 use crate::image::Image;
-use crate::protocol::JobResponse;
+use crate::protocol::{Grow, JobResponse};
 
 pub mod bootentry;
+pub mod grow;
 pub mod hooks;
 pub mod identity;
 pub mod mount;
@@ -29,8 +32,15 @@ pub struct Fit<'a> {
     pub client: &'a super::client::Client,
 }
 
-/// Runs the post-imaging steps the job asks for, in order.
-pub async fn run(f: &Fit<'_>) -> Result<()> {
+/// Runs the post-imaging steps the job asks for, in order. `target` is
+/// held (the disk stays ours) until the last step is done.
+pub async fn run(f: &Fit<'_>, target: Target) -> Result<()> {
+    let policy = f.job.job.grow;
+    let _held = if policy == Grow::None {
+        target
+    } else {
+        tokio::task::spawn_blocking(move || grow::run(&target, policy).map(|()| target)).await??
+    };
     let wants_identity = f.job.host.is_some();
     let wants_hooks = !f.job.job.hooks.is_empty();
     if wants_identity || wants_hooks {

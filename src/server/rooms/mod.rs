@@ -252,6 +252,15 @@ impl Rooms {
                 )?;
                 out.ended = last;
             }
+            // Fitting the imaged disk to the PC (grow, name, hooks) failed
+            // after the task counted as imaged: the host is not ready.
+            (TaskState::Done, AgentState::Failed) => {
+                let why = format!("after imaging: {}", u.error.unwrap_or("the agent failed"));
+                tx.execute(
+                    "UPDATE tasks SET state = 'failed', error = ?2 WHERE id = ?1",
+                    params![id, why],
+                )?;
+            }
             // A host that reports while its task waits (the server restarted
             // from a copy that missed the claim) is running it.
             (TaskState::Pending, _) if dstate == DeploymentState::Running => {

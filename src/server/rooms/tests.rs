@@ -370,3 +370,23 @@ name = \"teacher\"
     let e = format!("{:#}", r.put_group(&g, images).unwrap_err());
     assert!(e.contains("holds '_'"), "{e}");
 }
+
+#[test]
+fn a_failure_while_fitting_an_imaged_pc_fails_its_task() {
+    let r = rooms("");
+    let id = start(&r, "room-2");
+    r.claim(C, &mut |_| true).unwrap();
+    assert!(report(&r, id, C, AgentState::Seeding).deployment_done);
+    // The room is done; the PC grows, names its disk, runs its hooks.
+    report(&r, id, C, AgentState::Fitting);
+    report(&r, id, C, AgentState::Failed);
+    let t = r.tasks(id, 0, 10).unwrap();
+    assert_eq!(t[0].task, TaskState::Failed);
+    assert_eq!(
+        t[0].error.as_deref(),
+        Some("after imaging: disk on fire"),
+        "{t:?}"
+    );
+    let d = r.deployment(id).unwrap().unwrap();
+    assert_eq!(d.tasks.failed, 1);
+}
