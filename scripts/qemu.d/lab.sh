@@ -25,7 +25,8 @@
 #   seen PC TEXT           whether PC's serial console printed TEXT
 #   nsx CMD...             runs CMD in the namespace
 # Environment: E2E_PXE=full|proxy, E2E_ACCEL, E2E_KEEP=1 (keep $work),
-# E2E_BIN=path (use that binary instead of building target/release).
+# E2E_BIN=path (use that binary instead of building target/release),
+# E2E_SERVER_BIN=path (the server's binary, if not E2E_BIN's).
 
 export PATH=$PATH:/usr/sbin:/sbin
 net=10.77.0
@@ -205,7 +206,7 @@ boot_dir = "$work/boot"
 $1
 CONF
   bgns env RUST_LOG=info,blockswarm::server::boot=debug \
-    "$bin" serve --config "$work/server.toml" "${deploy[@]}" >>"$work/server.log" 2>&1
+    "${E2E_SERVER_BIN:-$bin}" serve --config "$work/server.toml" "${deploy[@]}" >>"$work/server.log" 2>&1
   srv_pid=${pids[-1]}
   local i
   for i in $(seq 50); do

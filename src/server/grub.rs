@@ -17,6 +17,20 @@ use super::config::normalize_mac;
 use super::tftp;
 use crate::protocol::admin::ExitType;
 
+/// Starts the first EFI loader found on the disks: Windows' boot manager,
+/// else the removable-media path. pxe/start's grub.cfg does the same when
+/// the server does not answer.
+pub const CHAIN_TO_DISK: &str = "\
+for f in /EFI/Microsoft/Boot/bootmgfw.efi /EFI/BOOT/BOOTX64.EFI; do
+  if search --no-floppy --file --set=esp $f; then
+    chainloader ($esp)$f
+    boot
+  fi
+done
+echo 'blockswarm: no EFI loader on the disks; handing back to the firmware'
+exit
+";
+
 /// GRUB's rendering of the decision, for the PC whose GRUB sent `mac`
 /// (`$net_default_mac`: "52:54:00:12:34:56").
 pub struct Grub<'a> {
@@ -40,16 +54,19 @@ impl Render for Grub<'_> {
         )
     }
 
-    /// GRUB runs on UEFI only: it hands back to the firmware with a
-    /// failure (`exit 1`, through shim), so the firmware boots its next
-    /// entry, whatever the exit type (there is no `sanboot` in GRUB).
+    /// GRUB runs on UEFI only, and Debian's (2.06) can only hand back to
+    /// the firmware with success, on which EDK2-based firmware stops at its
+    /// menu instead of booting its next entry (iPXE's `exit 1`): so it
+    /// starts the disk's own loader, the one firmware boots from a disk with
+    /// no boot entry (or Windows' boot manager), whatever the exit type.
+    /// Under Secure Boot the firmware checks that loader's signature.
     fn local(&self, _exit: ExitType, why: &str) -> String {
         let (mac, why) = (printable(self.mac), printable(why));
         format!(
             "# blockswarm: nothing to do for this PC, boot its disk\n\
              echo 'blockswarm: {mac}: {why}'\n\
              echo 'blockswarm: booting the local disk'\n\
-             exit 1\n"
+             {CHAIN_TO_DISK}"
         )
     }
 
@@ -116,17 +133,21 @@ mod tests {
     }
 
     #[test]
-    fn grub_hands_back_to_the_firmware_and_prints_nothing_it_could_run() {
+    fn grub_starts_the_disks_loader_and_prints_nothing_it_could_run() {
         for exit in [ExitType::Auto, ExitType::Sanboot, ExitType::Exit] {
             let s = Grub {
                 mac: "52:54:00:ab:cd:01",
             }
             .local(exit, "done");
-            assert!(s.ends_with("\nexit 1\n") && !s.contains("sanboot"), "{s}");
+            assert!(s.ends_with(CHAIN_TO_DISK) && !s.contains("sanboot"), "{s}");
+            assert!(s.contains("\n    chainloader ($esp)$f\n    boot\n"), "{s}");
         }
         // A quote would end echo's string; $ would expand; a newline would
         // start a command.
         let s = Grub { mac: "x'\nlinux y" }.local(ExitType::Auto, "a'\nboot ${evil}");
+        let s = s
+            .strip_suffix(CHAIN_TO_DISK)
+            .expect("the chain to the disk ends it");
         assert!(
             !s.contains("\nboot") && !s.contains("\nlinux") && !s.contains("${"),
             "{s}"
