@@ -3,9 +3,12 @@
 # serve` on 10.77.0.1, and QEMU PCs on taps. Nothing leaves the namespace.
 #
 #   qlab_init NAME         work dir, cleanup trap, root and tool checks
-#   qlab_build             release agent, initramfs, bootable image captured
-#                          into $work/images/e2e (sets bin, t_build)
-#   qlab_net TAP...        namespace, bridge, taps, DHCP/TFTP (E2E_PXE)
+#   qlab_build [ARG...]    release agent, initramfs, bootable image (made by
+#                          make-bootable-image ARG...) captured into
+#                          $work/images/e2e (sets bin, t_build)
+#   qlab_net TAP...        namespace, bridge, taps, DHCP/TFTP (E2E_PXE;
+#                          pxe/start's extra arguments in qlab_pxe_args;
+#                          sets qlab_pxe_pid)
 #   qlab_accel             sets accel: kvm only if the firmware PXE-boots
 #                          under it here (E2E_ACCEL=auto|tcg|kvm), else tcg
 #   qlab_server CONF [N|none]  writes CONF (groups, jobs) after the common
@@ -14,7 +17,8 @@
 #                          network-boots (serve --deploy N, the default 0),
 #                          or none (an admin starts one: qlab_admin start)
 #   qlab_admin ARGS...     `blockswarm admin` against the server, with its token
-#   qemu_pc NAME ACCEL FW NIC MAC DISK-ARGS...   a PC (bios|uefi) on tap<N>;
+#   qemu_pc NAME ACCEL FW NIC MAC DISK-ARGS...   a PC (bios|uefi|uefi-sb: OVMF
+#                          with Secure Boot enforced, Microsoft's keys) on tap<N>;
 #                          its NIC boots at place $pc_nic_boot (bootindex: 2,
 #                          after a disk given 1; 1: network first; empty: no
 #                          bootindex); qemu_serial_append=1: the serial log
@@ -23,13 +27,15 @@
 #   seen PC TEXT           whether PC's serial console printed TEXT
 #   nsx CMD...             runs CMD in the namespace
 # Environment: E2E_PXE=full|proxy, E2E_ACCEL, E2E_KEEP=1 (keep $work),
-# E2E_BIN=path (use that binary instead of building target/release).
+# E2E_BIN=path (use that binary instead of building target/release),
+# E2E_SERVER_BIN=path (the server's binary, if not E2E_BIN's).
 
 export PATH=$PATH:/usr/sbin:/sbin
 net=10.77.0
 srv=http://$net.1:8080
 pc_nic_boot=2
 pids=()
+qlab_pxe_args=()
 log() { printf '%s %s: %s\n' "$(date +%T)" "$qlab_name" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 nsx() { ip netns exec "$ns" "$@"; }
@@ -84,7 +90,7 @@ qlab_build() {
   [ -n "${E2E_BIN:-}" ] || (cd "$repo" && cargo build --release --locked --quiet) || die "cargo build failed"
   "$repo/initramfs/build" --agent "$bin" --out "$work/boot" 2>"$work/initramfs-build.log" \
     || { cat "$work/initramfs-build.log" >&2; die "initramfs/build failed"; }
-  "$repo/scripts/make-bootable-image" "$work/master.img" 2>"$work/make-image.log" \
+  "$repo/scripts/make-bootable-image" "$work/master.img" "$@" 2>"$work/make-image.log" \
     || { cat "$work/make-image.log" >&2; die "make-bootable-image failed"; }
   "$bin" capture "$work/master.img" --out "$work/images/e2e" --store >"$work/capture.log" 2>&1 \
     || { cat "$work/capture.log" >&2; die "capture failed"; }
@@ -116,11 +122,13 @@ qlab_net() {
       --interface=lab0 --bind-interfaces --dhcp-range=$net.100,$net.199,12h \
       --dhcp-leasefile="$work/lab-dhcp.leases" >"$work/lab-dhcp.log" 2>&1 &
     pids+=($!)
-    bgns "$repo/pxe/start" br0 proxy --server "$srv" --state "$work/pxe" --log-dhcp >"$work/dnsmasq.log" 2>&1
+    bgns "$repo/pxe/start" br0 proxy --server "$srv" --state "$work/pxe" --log-dhcp \
+      "${qlab_pxe_args[@]}" >"$work/dnsmasq.log" 2>&1
   else
     bgns "$repo/pxe/start" br0 full --server "$srv" --range $net.100,$net.199 \
-      --state "$work/pxe" --log-dhcp >"$work/dnsmasq.log" 2>&1
+      --state "$work/pxe" --log-dhcp "${qlab_pxe_args[@]}" >"$work/dnsmasq.log" 2>&1
   fi
+  qlab_pxe_pid=${pids[-1]}
   sleep 1
   nsx curl -s --max-time 10 -o "$work/tftp-check" "tftp://$net.1/undionly.kpxe" \
     && cmp -s "$work/tftp-check" /usr/lib/ipxe/undionly.kpxe || die "TFTP does not serve undionly.kpxe"
@@ -132,13 +140,21 @@ qemu_pc() { # NAME ACCEL FIRMWARE(bios|uefi) NIC[,OPTS] MAC DISK-ARGS...
     -chardev "file,id=ser0,path=$work/$name.log${qemu_serial_append:+,append=on}" -serial chardev:ser0
     -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no"
     -device "$nic,netdev=n0,mac=$mac${pc_nic_boot:+,bootindex=$pc_nic_boot}")
-  if [ "$fw" = uefi ]; then
+  if [ "$fw" = uefi ] || [ "$fw" = uefi-sb ]; then
+    local code=/usr/share/OVMF/OVMF_CODE.fd vars=/usr/share/OVMF/OVMF_VARS.fd machine=q35
+    if [ "$fw" = uefi-sb ]; then
+      # Secure Boot enforced: Debian's SMM build, whose variables hold
+      # Microsoft's keys with Secure Boot on; only SMM may write the flash.
+      code=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd vars=/usr/share/OVMF/OVMF_VARS_4M.ms.fd
+      machine=q35,smm=on
+      args+=(-global driver=cfi.pflash01,property=secure,value=on)
+    fi
     # Its NVRAM lives as long as $work: the boot order stays across reboots.
-    [ -f "$work/$name-vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS.fd "$work/$name-vars.fd"
+    [ -f "$work/$name-vars.fd" ] || cp "$vars" "$work/$name-vars.fd"
     # Network boot over IPv4 PXE only, as a room's firmware is set up: else,
     # once iPXE hands back, OVMF tries PXE and HTTP boot over IPv6 before
     # the disk (HTTP boot over IPv4 it still tries: about 60 s).
-    args+=(-machine q35 -drive "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd"
+    args+=(-machine "$machine" -drive "if=pflash,format=raw,readonly=on,file=$code"
       -drive "if=pflash,format=raw,file=$work/$name-vars.fd"
       -fw_cfg name=opt/org.tianocore/IPv6Support,string=no
       -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=no)
@@ -192,7 +208,7 @@ boot_dir = "$work/boot"
 $1
 CONF
   bgns env RUST_LOG=info,blockswarm::server::boot=debug \
-    "$bin" serve --config "$work/server.toml" "${deploy[@]}" >>"$work/server.log" 2>&1
+    "${E2E_SERVER_BIN:-$bin}" serve --config "$work/server.toml" "${deploy[@]}" >>"$work/server.log" 2>&1
   srv_pid=${pids[-1]}
   local i
   for i in $(seq 50); do

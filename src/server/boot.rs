@@ -1,13 +1,18 @@
-//! Network boot: the iPXE scripts and the deploy kernel and initramfs.
+//! Network boot: the boot decision, its scripts, and the deploy kernel and
+//! initramfs.
 //!
 //! dnsmasq (pxe/) hands PCs iPXE over TFTP; iPXE then chains to
-//! `/boot.ipxe?mac=…&platform=…`, and the server decides per host
-//! (`rooms.rs`): a host with a task gets the script that loads
-//! `/boot/vmlinuz` and `/boot/initramfs.img` (made by initramfs/build, kept
-//! in `boot_dir`) with a command line naming the NIC that booted and this
-//! server; any other host is sent to its own disk (its exit type).
+//! `/boot.ipxe?mac=…&platform=…`. Under Secure Boot, UEFI PCs get Debian's
+//! signed shim and GRUB instead, which ask `boot.grub/<MAC>` over TFTP
+//! (`grub.rs`, `tftp.rs`). The server decides per host, once (`decide`,
+//! `rooms.rs`), and a [`Render`] per boot program writes the answer: a host
+//! with a task gets the script that loads `/boot/vmlinuz` and
+//! `/boot/initramfs.img` (made by initramfs/build, kept in `boot_dir`) with
+//! a command line naming the NIC that booted and this server; any other
+//! host is sent to its own disk (its exit type).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
@@ -21,6 +26,7 @@ use bytes::Bytes;
 use super::api::{AppState, error};
 use super::http::Conn;
 use super::rooms::Boot;
+use super::state::ServerState;
 use crate::protocol::admin::ExitType;
 
 #[derive(Debug, serde::Deserialize)]
@@ -32,6 +38,55 @@ pub struct BootQuery {
 
 /// The only files served from `boot_dir`.
 pub const BOOT_FILES: [&str; 2] = ["vmlinuz", "initramfs.img"];
+
+/// How one boot program is told the decision.
+pub trait Render {
+    /// Load the deploy kernel and initramfs with `args` (`kernel_args`).
+    fn agent(&self, args: &str) -> String;
+    /// Boot the local disk as `exit` says; `why` is shown on the screen.
+    fn local(&self, exit: ExitType, why: &str) -> String;
+    /// The value of the kernel's BOOTIF (the booting NIC) for this program.
+    fn bootif(&self) -> String;
+}
+
+/// The boot decision for `mac` (as the boot program wrote it), logged, and
+/// the answer `r` writes for it.
+pub fn answer(s: &ServerState, mac: &str, remote: IpAddr, base: &str, r: &dyn Render) -> String {
+    match s.boot(mac, remote) {
+        Boot::Agent { deployment } => {
+            tracing::info!("{mac} network-boots the agent (deployment {deployment})");
+            r.agent(&kernel_args(&r.bootif(), base, &s.config.boot_args))
+        }
+        Boot::Local { exit, why } => {
+            tracing::debug!("{mac} boots its disk: {why}");
+            r.local(exit, &why)
+        }
+    }
+}
+
+/// The deploy system's command line, the same for every boot program.
+/// BOOTIF tells the initramfs (and the agent) which NIC and MAC to use.
+/// The last console= is /dev/console (the screen); the initramfs mirrors
+/// its messages to all.
+pub fn kernel_args(bootif: &str, base: &str, extra_args: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let mut args =
+        format!("BOOTIF=01-{bootif} blockswarm.server={base} console=ttyS0,115200 console=tty0");
+    if !extra_args.trim().is_empty() {
+        args.push(' ');
+        args.push_str(extra_args.trim());
+    }
+    args
+}
+
+/// What the server prints on a PC's screen: no control characters, nothing
+/// a script language could expand or end a string with, at most 160 chars.
+pub fn printable(why: &str) -> String {
+    why.chars()
+        .filter(|c| !c.is_control() && !matches!(c, '$' | '{' | '}' | '#' | '\'' | '"' | '\\'))
+        .take(160)
+        .collect()
+}
 
 /// `GET /boot.ipxe`: what iPXE chains to. Without `mac`, a script that
 /// asks again with the booting NIC's MAC and the firmware type.
@@ -48,18 +103,35 @@ pub async fn ipxe_script(
     };
     let body = match &q.mac {
         None => ask_script(&base),
-        Some(mac) => match s.boot(mac, c.remote.ip()) {
-            Boot::Agent { deployment } => {
-                tracing::info!("{mac} network-boots the agent (deployment {deployment})");
-                script(&base, &s.config.boot_args)
-            }
-            Boot::Local { exit, why } => {
-                tracing::debug!("{mac} boots its disk: {why}");
-                local_script(exit, q.platform.as_deref(), &why)
-            }
-        },
+        Some(mac) => {
+            let ipxe = Ipxe {
+                base: &base,
+                platform: q.platform.as_deref(),
+            };
+            answer(&s, mac, c.remote.ip(), &base, &ipxe)
+        }
     };
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// iPXE's rendering of the decision.
+pub struct Ipxe<'a> {
+    pub base: &'a str,
+    /// iPXE's `${platform}`.
+    pub platform: Option<&'a str>,
+}
+
+impl Render for Ipxe<'_> {
+    fn agent(&self, args: &str) -> String {
+        script(self.base, args)
+    }
+    fn local(&self, exit: ExitType, why: &str) -> String {
+        local_script(exit, self.platform, why)
+    }
+    fn bootif(&self) -> String {
+        // The NIC iPXE last opened: the one that booted.
+        "${netX/mac:hexhyp}".into()
+    }
 }
 
 /// The script that asks the server what this PC is to do. Only a failed
@@ -96,11 +168,7 @@ pub fn local_script(exit: ExitType, platform: Option<&str>, why: &str) -> String
         ExitType::Auto if efi => "exit 1",
         ExitType::Auto => "sanboot --no-describe --drive 0x80 || exit 1",
     };
-    let why: String = why
-        .chars()
-        .filter(|c| !c.is_control() && !matches!(c, '$' | '{' | '}' | '#'))
-        .take(160)
-        .collect();
+    let why = printable(why);
     format!(
         "#!ipxe\n\
          # blockswarm: nothing to do for this PC, boot its disk\n\
@@ -110,27 +178,17 @@ pub fn local_script(exit: ExitType, platform: Option<&str>, why: &str) -> String
     )
 }
 
-/// The iPXE script for a server at `base` (no trailing slash).
-pub fn script(base: &str, extra_args: &str) -> String {
+/// The iPXE script for a server at `base` that boots the deploy system
+/// with `args` (`kernel_args`).
+pub fn script(base: &str, args: &str) -> String {
     let base = base.trim_end_matches('/');
-    // `${netX/...}` is the NIC iPXE last opened: the one that booted.
-    // BOOTIF tells the initramfs (and the agent) which NIC and MAC to use;
-    // `initrd=` names the initrd for the EFI stub. The last console= is
-    // /dev/console (the screen); the initramfs mirrors its messages to all.
-    let mut args = format!(
-        "initrd=initramfs.img BOOTIF=01-${{netX/mac:hexhyp}} blockswarm.server={base} \
-         console=ttyS0,115200 console=tty0"
-    );
-    if !extra_args.trim().is_empty() {
-        args.push(' ');
-        args.push_str(extra_args.trim());
-    }
+    // `initrd=` names the initrd for the kernel's EFI stub.
     format!(
         "#!ipxe\n\
          # blockswarm network boot, served by `blockswarm serve`\n\
          echo blockswarm: ${{netX/mac}} (${{netX/ip}}) loading the deploy system from {base}\n\
          :retry\n\
-         kernel {base}/boot/vmlinuz {args} || goto failed\n\
+         kernel {base}/boot/vmlinuz initrd=initramfs.img {args} || goto failed\n\
          initrd --name initramfs.img {base}/boot/initramfs.img || goto failed\n\
          boot || goto failed\n\
          :failed\n\
@@ -146,20 +204,29 @@ pub async fn boot_file(State(s): State<AppState>, Path(file): Path<String>) -> R
     if !BOOT_FILES.contains(&file.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no boot file {file:?}"));
     }
-    let path = s.config.boot_dir.join(&file);
-    match cached_read(path.clone()).await {
+    match read_boot_file(&s, &file).await {
         Ok(b) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => error(
+        Err((StatusCode::NOT_FOUND, e)) => error(StatusCode::NOT_FOUND, e),
+        Err((_, e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// One of `BOOT_FILES` (checked by the caller), or what is wrong.
+pub async fn read_boot_file(s: &ServerState, file: &str) -> Result<Bytes, (StatusCode, String)> {
+    let path = s.config.boot_dir.join(file);
+    match cached_read(path.clone()).await {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err((
             StatusCode::NOT_FOUND,
             format!(
                 "{} is missing: build it with initramfs/build and set boot_dir",
                 path.display()
             ),
-        ),
-        Err(e) => error(
+        )),
+        Err(e) => Err((
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reading {}: {e}", path.display()),
-        ),
+        )),
     }
 }
 
@@ -232,7 +299,12 @@ mod tests {
 
     #[test]
     fn script_boots_the_agent_with_bootif_and_server() {
-        let s = script("http://10.0.0.1:8080/", "blockswarm.on_fail=shell");
+        let args = kernel_args(
+            "${netX/mac:hexhyp}",
+            "http://10.0.0.1:8080/",
+            "blockswarm.on_fail=shell",
+        );
+        let s = script("http://10.0.0.1:8080/", &args);
         assert!(s.starts_with("#!ipxe\n"), "{s}");
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         assert!(

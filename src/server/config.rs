@@ -12,7 +12,8 @@ use crate::protocol::admin::ExitType;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// HTTP: API, tracker, dashboard, boot files.
+    /// HTTP: API, tracker, dashboard, boot files; the same UDP port serves
+    /// TFTP to GRUB (the Secure Boot chain, `grub.rs`).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// The URL agents reach this server at (default: from `listen`).

@@ -15,6 +15,7 @@ pub mod check;
 pub mod config;
 pub mod dashboard;
 pub mod db;
+pub mod grub;
 pub mod http;
 pub mod metrics;
 pub mod rooms;
@@ -22,6 +23,7 @@ pub mod schedule;
 pub mod seed;
 pub mod state;
 pub mod store;
+pub mod tftp;
 pub mod token;
 pub mod tracker;
 pub mod wol;
@@ -87,6 +89,24 @@ pub async fn serve(
     }
     let scanner = tokio::spawn(scan_loop(state.clone()));
     let scheduler = tokio::spawn(schedule_loop(state.clone()));
+    // TFTP for the Secure Boot chain's GRUB, on the HTTP port's number.
+    let tftp = match tokio::net::UdpSocket::bind(state.config.listen).await {
+        Ok(sock) => Some(tokio::spawn(tftp::serve(
+            sock,
+            grub::tftp_files(state.clone()),
+            tftp::Limits {
+                transfers: state.config.max_connections,
+                ..Default::default()
+            },
+        ))),
+        Err(e) => {
+            tracing::warn!(
+                "no TFTP on udp {} ({e}): GRUB (the Secure Boot chain) cannot ask this server",
+                state.config.listen
+            );
+            None
+        }
+    };
     let limits = http::Limits {
         total: state.config.max_connections,
         per_ip: state.config.max_connections_per_ip,
@@ -101,6 +121,7 @@ pub async fn serve(
     .await;
     scanner.abort();
     scheduler.abort();
+    tftp.inspect(|t| t.abort());
     state.seeds.stop().await;
     info!("stopped");
     Ok(())
