@@ -535,3 +535,43 @@ fn a_disk_too_small_says_by_how_much_and_what_to_capture() {
         "the small disk was written"
     );
 }
+
+/// Runs debugfs `cmd` on the ext4 at byte `off` of `disk` (e2fsprogs'
+/// `?offset=` names a file system inside a disk file).
+fn debugfs(disk: &Path, off: u64, cmd: &str) -> String {
+    let spec = format!("{}?offset={off}", disk.display());
+    let out = sh(Command::new("debugfs").args(["-w", "-R", cmd, &spec]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Grow, then the host name: the name is written into the grown file
+/// system, mounted over the whole grown partition (it was mounted over the
+/// image's smaller partition, which the kernel refused: "mount ... failed").
+#[test]
+fn a_grown_root_is_named_and_checked_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let master = mkdisk(t.path(), "master.img", "gpt-end", 40);
+    let hostname = t.path().join("hostname");
+    std::fs::write(&hostname, "master\n").unwrap();
+    debugfs(&master, MIB, "mkdir /etc");
+    debugfs(
+        &master,
+        MIB,
+        &format!("write {} /etc/hostname", hostname.display()),
+    );
+    capture(&master, &t.path().join("images/lab"), true);
+    let mac = "52:54:00:00:40:09";
+    let cfg = format!(
+        "[[host]]\nmac = \"{mac}\"\nname = \"lab-09\"\n[host.job]\nimage = \"lab\"\n\
+         grow = \"last\"\n{TEST_JOB}"
+    );
+    let srv = Server::start(t.path(), Some(1), &cfg);
+    srv.wait_seeding("lab");
+    let tgt = larger_target(t.path(), &master);
+    let mut a = Agent::start(&srv.url, mac, &tgt);
+    a.wait_ok(180);
+    let log = a.log();
+    assert!(grew_line(&log).contains("grew partition 1 (ext)"), "{log}");
+    check_grown(&t.path().join("images/lab"), &master, &tgt, "ext");
+    assert_eq!(debugfs(&tgt, MIB, "cat /etc/hostname"), "lab-09\n");
+}

@@ -36,11 +36,14 @@ pub struct Fit<'a> {
 /// held (the disk stays ours) until the last step is done.
 pub async fn run(f: &Fit<'_>, target: Target) -> Result<()> {
     let policy = f.job.job.grow;
-    let _held = if policy == Grow::None {
+    let held = if policy == Grow::None {
         target
     } else {
         tokio::task::spawn_blocking(move || grow::run(&target, policy).map(|()| target)).await??
     };
+    // The table as it is on the disk now: grown partitions are mounted whole.
+    let dev = held.dev();
+    let table = crate::image::table::read(&dev.file, dev.size, dev.sector_size).ok();
     let wants_identity = f.job.host.is_some();
     let wants_hooks = !f.job.job.hooks.is_empty();
     if wants_identity || wants_hooks {
@@ -52,7 +55,7 @@ pub async fn run(f: &Fit<'_>, target: Target) -> Result<()> {
         let mnt = f.mnt.clone();
         let job = f.job.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let mounts = mount::Mounts::all(&target, &image, &mnt)?;
+            let mounts = mount::Mounts::all(&target, &image, table.as_ref(), &mnt)?;
             if let Some(name) = &job.host {
                 identity::write(&mounts, name)?;
             }

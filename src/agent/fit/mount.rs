@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::tool;
 use crate::image::fs::FsKind;
 use crate::image::manifest::Manifest;
+use crate::image::table::PartitionTable;
 
 /// A mount, unmount, losetup or fsck that takes longer has hung.
 const TOOL_LIMIT: Duration = Duration::from_secs(120);
@@ -36,12 +37,19 @@ pub struct Mounts {
 
 impl Mounts {
     /// Mounts every ext2/3/4 and NTFS partition of `manifest` on `target`
-    /// under `root/<number>`.
-    pub fn all(target: &Path, manifest: &Manifest, root: &Path) -> Result<Self> {
+    /// under `root/<number>`, each over its extent in `table`, the table now
+    /// on the disk (a grown partition is larger than in the image).
+    pub fn all(
+        target: &Path,
+        manifest: &Manifest,
+        table: Option<&PartitionTable>,
+        root: &Path,
+    ) -> Result<Self> {
         // In the initramfs these are modules no device asks udev for; where
         // they are built in (or absent) this fails and mount says why.
         let _ = super::run_bounded(
-            Command::new("modprobe").args(["-a", "-q", "loop", "ext4", "fuse"]),
+            // crc32c: ext4's checksums, a soft dependency modules.dep omits.
+            Command::new("modprobe").args(["-a", "-q", "loop", "crc32c", "ext4", "fuse"]),
             Duration::from_secs(30),
         );
         let mut m = Mounts {
@@ -55,8 +63,12 @@ impl Mounts {
             if !matches!(fs, FsKind::Ext4 | FsKind::Ntfs) {
                 continue;
             }
+            let len = table
+                .and_then(|t| t.partitions.iter().find(|p| p.number == n))
+                .filter(|p| p.start == r.start)
+                .map_or(r.len, |p| p.size);
             m.list
-                .push(mount(target, n, fs.clone(), r.start, r.len, root)?);
+                .push(mount(target, n, fs.clone(), r.start, len, root)?);
         }
         Ok(m)
     }
