@@ -54,6 +54,8 @@ pub struct ServerState {
     pub rooms: Rooms,
     /// The dashboard's logins.
     pub sessions: Sessions,
+    /// Capture tasks' tokens and pulls, and images served from a master.
+    pub captures: super::capture::Captures,
     /// The last report of each host with a task, by MAC: rates and peers,
     /// which the database does not keep.
     live: Mutex<HashMap<String, Live>>,
@@ -145,6 +147,7 @@ impl ServerState {
             seeds,
             rooms,
             sessions: Sessions::default(),
+            captures: Default::default(),
             live: Mutex::default(),
             joins: Mutex::default(),
         }
@@ -210,7 +213,32 @@ impl ServerState {
             Err(ClaimError::Full(e)) => return Err(JobError::NotStarted(e)),
         };
         let mac = normalize_mac(mac).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let job = claim.job;
+        let job = claim.job.clone();
+        let id = claim.deployment;
+        let token = self.keys.issue(id, &mac);
+        if job.capture.is_some() {
+            let ticket = self
+                .issue_capture(id, &mac)
+                .map_err(|e| JobError::Unavailable(format!("{e:#}")))?;
+            return Ok(JobResponse {
+                host: claim.name.clone(),
+                mac,
+                manifest_url: String::new(),
+                torrent_url: String::new(),
+                trackers: Vec::new(),
+                deployment: id,
+                start_fraction: 0.0,
+                origin: None,
+                disk: claim.disk.clone(),
+                token,
+                job,
+                capture: Some(ticket),
+            });
+        }
+        // An image served from its master: that PC is the origin.
+        if let Some(o) = self.captures.origin(&job.image) {
+            return Ok(self.job_response(claim, mac, job, token, Some(o.origin.into())));
+        }
         let images = self.images.read().await;
         let seeded = match images.get(&job.image) {
             Some(s) => {
@@ -240,8 +268,19 @@ impl ServerState {
             },
         };
         drop(images);
+        let origin = if seeded { self.origin_for(local) } else { None };
+        Ok(self.job_response(claim, mac, job, token, origin))
+    }
+
+    fn job_response(
+        &self,
+        claim: super::rooms::Claim,
+        mac: String,
+        job: crate::protocol::Job,
+        token: String,
+        origin: Option<SocketAddr>,
+    ) -> JobResponse {
         let id = claim.deployment;
-        let token = self.keys.issue(id, &mac);
         let announce = self.config.announce_url();
         let trackers = if self.config.tracker == "builtin" {
             vec![format!("{announce}?token={token}")]
@@ -249,7 +288,7 @@ impl ServerState {
             vec![announce]
         };
         let name = &job.image;
-        Ok(JobResponse {
+        JobResponse {
             host: claim.name,
             mac,
             manifest_url: format!("/images/{name}/manifest.json"),
@@ -257,11 +296,12 @@ impl ServerState {
             trackers,
             deployment: id,
             start_fraction: crate::protocol::spread(claim.slot),
-            origin: if seeded { self.origin_for(local) } else { None },
+            origin,
             disk: claim.disk,
             token,
             job,
-        })
+            capture: None,
+        }
     }
 
     /// The names of the images the store can serve.
@@ -272,6 +312,12 @@ impl ServerState {
             .iter()
             .filter(|(_, s)| !matches!(s.state, SeedState::Failed(_)))
             .map(|(n, _)| n.clone())
+            .chain(
+                self.captures
+                    .origins()
+                    .into_iter()
+                    .map(|o| o.image.manifest.name),
+            )
             .collect()
     }
 
@@ -334,6 +380,7 @@ impl ServerState {
                 r.mac
             )));
         };
+        let capture = self.captures.standing(deployment, &r.mac);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut r = r;
         r.log = Vec::new();
@@ -348,7 +395,8 @@ impl ServerState {
         Ok(StatusAck {
             deployment_done: outcome.deployment_done,
             stopped: outcome.stopped,
-            image_failed,
+            image_failed: image_failed.or(capture.failed),
+            captured: capture.stored,
         })
     }
 
