@@ -340,3 +340,63 @@ fn a_master_kept_out_of_the_store_is_the_origin_of_a_deployment() {
     m.wait_ok(30);
     assert!(m.log().contains("stopping the seed"), "{}", m.log());
 }
+
+#[test]
+fn an_interrupted_capture_leaves_no_image() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _) = master(t.path());
+    let srv = Server::start(t.path(), None, &config());
+    admin_ok(&srv, &["capture", MASTER, "--image", "lab"]);
+    // A master capped at 4 MiB/s: the pull of ~55 MiB takes a while.
+    let log = t.path().join("master.agent.log");
+    let mut m = Proc(
+        Command::new(bin())
+            .args(["agent", "--server", &srv.url, "--mac", MASTER, "--target"])
+            .arg(&disk)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--max-upload", "4M"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let partial = srv.dir.join("images/.capture-lab.partial");
+    let t0 = Instant::now();
+    while !partial.join("payload.bin").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no pull began:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !srv.dir.join("images/lab").exists(),
+        "a half image is visible"
+    );
+    m.0.kill().unwrap();
+    m.0.wait().unwrap();
+    admin_ok(&srv, &["stop", "1"]);
+    let t0 = Instant::now();
+    while partial.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the partial pull stayed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let names: Vec<_> = std::fs::read_dir(srv.dir.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".blockswarm-host-key")
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    let out = admin_ok(&srv, &["images"]);
+    assert!(!out.contains("lab"), "{out}");
+    let log = std::fs::read_to_string(&srv.log).unwrap();
+    assert!(
+        log.contains("the capture was stopped by the admin"),
+        "{log}"
+    );
+}

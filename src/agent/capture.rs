@@ -72,7 +72,7 @@ pub(super) async fn run(
         disable_trackers: true,
         ..Default::default()
     };
-    let swarm = crate::server::seed::seed(&image, Some(&path), &cfg).await?;
+    let swarm = crate::server::seed::seed_limited(&image, Some(&path), &cfg, opts.limits).await?;
     let upload = CaptureUpload {
         mac: rep.base.mac.clone(),
         token: ticket.token.clone(),

@@ -294,6 +294,16 @@ impl ServerState {
                 "image {name} is served from {master} while it seeds"
             ));
         }
+        let free = nix::sys::statvfs::statvfs(&self.config.images)
+            .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+            .map_err(|e| UploadError::Refused(format!("the store: {e}")))?;
+        if free < m.payload.size {
+            return Err(UploadError::Refused(format!(
+                "the store has {} free, the image needs {}",
+                crate::util::human_bytes(free),
+                crate::util::human_bytes(m.payload.size)
+            )));
+        }
         self.captures.set(key, Phase::Pulling);
         let state = self.clone();
         let (key, replace) = (key.clone(), spec.replace);
@@ -405,6 +415,21 @@ impl ServerState {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Removes what captures cut short by a server restart left in the store
+/// (hidden directories, never loaded as images).
+pub fn clean_store(store: &Path) {
+    let Ok(rd) = std::fs::read_dir(store) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".capture-") && e.path().is_dir() {
+            info!("removing {name}: an interrupted capture");
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -56,6 +56,7 @@ pub async fn serve(
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    capture::clean_store(&cfg.images);
     // Resolved once: the admin API reads `config.admin_token` alone.
     let admin = admin_token::resolve(&cfg)?;
     info!("{}", admin.origin);

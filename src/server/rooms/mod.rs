@@ -386,11 +386,6 @@ impl Rooms {
                 jobless.join(", ")
             );
         }
-        if let Some((m, _)) = jobs.iter().find(|(_, j)| j.capture.is_some()) {
-            bail!(
-                "{m}'s job is a capture: captures are started with `admin capture`, one host at a time"
-            );
-        }
         let mut missing: Vec<&str> = jobs
             .iter()
             .map(|(_, j)| j.image.as_str())
@@ -773,9 +768,11 @@ fn job_of(tx: &Connection, mac: &str, rooms: &Rooms, image: Option<&str>) -> Res
         [mac],
         |r| Ok((json_col::<Job>(r, "job")?, json_col::<Job>(r, "gjob")?)),
     )?;
+    // A capture comes from `start_capture` alone, never from a stored job.
     let job = own
         .and_then(|(h, g)| h.or(g))
-        .or_else(|| rooms.default_job.clone());
+        .or_else(|| rooms.default_job.clone())
+        .map(|j| Job { capture: None, ..j });
     Ok(match (job, image) {
         (Some(j), Some(i)) => Some(Job {
             image: i.to_string(),
