@@ -295,7 +295,7 @@ impl ServerState {
             ));
         }
         let free = nix::sys::statvfs::statvfs(&self.config.images)
-            .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
             .map_err(|e| UploadError::Refused(format!("the store: {e}")))?;
         if free < m.payload.size {
             return Err(UploadError::Refused(format!(
