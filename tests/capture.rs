@@ -146,7 +146,13 @@ fn job(srv: &Server, mac: &str) -> serde_json::Value {
 }
 
 fn post(srv: &Server, path: &str, body: &serde_json::Value) -> (u16, String) {
+    post_from("127.0.0.1", srv, path, body)
+}
+
+/// POSTs `body` from loopback address `from`.
+fn post_from(from: &str, srv: &Server, path: &str, body: &serde_json::Value) -> (u16, String) {
     let out = Command::new("curl")
+        .args(["--interface", from])
         .args([
             "-s",
             "-o",
@@ -221,8 +227,13 @@ fn a_capture_token_is_good_once_for_its_host_only() {
     let (code, body) = post(&srv, &url, &upload(MASTER, &token));
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("newer capture token"), "{body}");
-    // The right one is taken once.
+    // The right one, from another address than the job's request: refused,
+    // and still good.
     let token = j2["capture"]["token"].as_str().unwrap();
+    let (code, body) = post_from("127.0.0.2", &srv, &url, &upload(MASTER, token));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("another address"), "{body}");
+    // From the job's address it is taken, once.
     let (code, body) = post(&srv, &url, &upload(MASTER, token));
     assert_eq!(code, 200, "{body}");
     let (code, body) = post(&srv, &url, &upload(MASTER, token));

@@ -43,8 +43,9 @@ pub struct Captures {
 
 #[derive(Debug, Clone)]
 enum Phase {
-    /// A token was issued with this nonce and not used yet.
-    Issued(String),
+    /// A token was issued with this nonce, to a job request from this
+    /// address, and not used yet.
+    Issued(String, IpAddr),
     Pulling,
     Stored,
     Origin,
@@ -161,10 +162,16 @@ impl ServerState {
 
     /// The ticket handed out with a capture task's job: a new token each
     /// time (a reboot fetches the job again), which voids the last one.
-    pub fn issue_capture(&self, deployment: u64, mac: &str) -> Result<CaptureTicket> {
+    /// Only an upload from `remote`, which asked for the job, may use it.
+    pub fn issue_capture(
+        &self,
+        deployment: u64,
+        mac: &str,
+        remote: IpAddr,
+    ) -> Result<CaptureTicket> {
         let (token, nonce) = self.keys.issue_capture(deployment, mac)?;
         self.captures
-            .set(&(deployment, mac.to_string()), Phase::Issued(nonce));
+            .set(&(deployment, mac.to_string()), Phase::Issued(nonce, remote));
         Ok(CaptureTicket {
             token,
             upload_url: format!("{}/capture", crate::protocol::API),
@@ -192,8 +199,13 @@ impl ServerState {
         {
             let mut tasks = lock(&self.captures.tasks);
             match tasks.get(&key) {
-                Some(Phase::Issued(n)) if n == &nonce => {}
-                Some(Phase::Issued(_)) => {
+                Some(Phase::Issued(n, ip)) if n == &nonce && *ip == remote => {}
+                Some(Phase::Issued(n, _)) if n == &nonce => {
+                    return Err(refused(
+                        "the upload comes from another address than the job's request",
+                    ));
+                }
+                Some(Phase::Issued(..)) => {
                     return Err(refused("a newer capture token was issued to this host"));
                 }
                 _ => return Err(refused("the capture token was used already")),

@@ -218,7 +218,7 @@ impl ServerState {
         let token = self.keys.issue(id, &mac);
         if job.capture.is_some() {
             let ticket = self
-                .issue_capture(id, &mac)
+                .issue_capture(id, &mac, remote)
                 .map_err(|e| JobError::Unavailable(format!("{e:#}")))?;
             return Ok(JobResponse {
                 host: claim.name.clone(),
