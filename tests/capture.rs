@@ -411,3 +411,31 @@ fn an_interrupted_capture_leaves_no_image() {
         "{log}"
     );
 }
+
+/// The deploy initramfs has no blkid: a master's regions that we do not
+/// parse are then carried whole, instead of failing the capture.
+#[test]
+fn without_blkid_unparsed_regions_are_carried_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = mkdisk(t.path(), "other.img", "other", 16);
+    let out = Command::new(bin())
+        .args(["capture", disk.to_str().unwrap(), "--out"])
+        .arg(t.path().join("img"))
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("blkid is not installed"), "{err}");
+    let m = manifest_json(&t.path().join("img"));
+    let parts: Vec<_> = m["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["partition"].is_number())
+        .collect();
+    assert!(!parts.is_empty(), "{m}");
+    for r in parts {
+        assert_eq!(r["used_bytes"], r["len"], "{r}");
+    }
+}
