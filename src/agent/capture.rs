@@ -47,7 +47,10 @@ pub(super) async fn run(
 
     let map_opts = MapOptions {
         name: j.image.clone(),
-        source: path.display().to_string(),
+        // Not a bare path: on the PCs deployed from it, the same device
+        // name is their own disk, which the agent must not take for the
+        // image's source (`Target::open` refuses to write that).
+        source: format!("{} of {} (network capture)", path.display(), rep.base.mac),
         piece_length: None,
         trackers: Vec::new(),
     };
