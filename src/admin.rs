@@ -130,6 +130,23 @@ pub enum AdminCmd {
         /// The host's MAC.
         mac: String,
     },
+    /// Capture a host's disk into an image at its next network boot: its
+    /// agent maps the used blocks, sends the manifest and torrent, and seeds
+    /// them from its disk (read-only) while the server pulls them.
+    Capture {
+        /// The master's MAC.
+        mac: String,
+        /// The new image's name in the store.
+        #[arg(long)]
+        image: String,
+        /// Do not pull it into the store: serve it from the master, as the
+        /// origin, until its task is stopped.
+        #[arg(long)]
+        no_store: bool,
+        /// Replace a stored image of that name.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Approve a host that network-booted unknown.
     Approve {
         /// The host's MAC.
@@ -554,6 +571,29 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 .await?;
             println!(
                 "{mac} will be imaged at its next network boot (deployment {})",
+                v["deployment"]
+            );
+        }
+        AdminCmd::Capture {
+            mac,
+            image,
+            no_store,
+            replace,
+        } => {
+            let req = crate::protocol::admin::CaptureRequest {
+                image: image.clone(),
+                store: !no_store,
+                replace,
+            };
+            let v = api
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/admin/hosts/{mac}/capture"),
+                    &req,
+                )
+                .await?;
+            println!(
+                "{mac} will capture its disk into image {image} at its next network boot (deployment {})",
                 v["deployment"]
             );
         }

@@ -140,6 +140,33 @@ impl Client {
         }
     }
 
+    /// Sends a captured image's manifest and torrent; returns the server's
+    /// word on it.
+    pub async fn upload_capture(
+        &self,
+        path: &str,
+        u: &crate::protocol::CaptureUpload,
+    ) -> Result<String> {
+        let url = self.url(path);
+        let resp = self
+            .http
+            .post(&url)
+            .json(u)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let code = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if !code.is_success() {
+            bail!(
+                "the server refused the capture ({code}): {}",
+                body["error"].as_str().unwrap_or("")
+            );
+        }
+        Ok(body["message"].as_str().unwrap_or("").to_string())
+    }
+
     pub async fn report(&self, r: &StatusReport) -> Result<StatusAck> {
         let url = self.url("/api/v1/status");
         let resp = self

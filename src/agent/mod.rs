@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
+pub mod capture;
 pub mod choose;
 pub mod client;
 pub mod disks;
@@ -118,7 +119,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     rep.base.deployment = Some(job.deployment);
     rep.base.image = Some(job.job.image.clone());
     rep.base.token = job.token.clone();
-    match deploy(&client, &mut rep, &job, &opts).await {
+    let result = match &job.capture {
+        Some(ticket) => capture::run(&client, &mut rep, &job, ticket, &opts).await,
+        None => deploy(&client, &mut rep, &job, &opts).await,
+    };
+    match result {
         Ok(post) => {
             rep.send(AgentState::Done, None, None).await;
             post_action(post)

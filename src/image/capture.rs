@@ -119,7 +119,95 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
 
-    let (table, regions) = map_disk(&dev)?;
+    let store_tmp = opts.out.join(format!("{PAYLOAD_FILE}.partial"));
+    let store = if opts.store {
+        Some(
+            std::fs::File::create(&store_tmp)
+                .with_context(|| format!("creating {}", store_tmp.display()))?,
+        )
+    } else {
+        None
+    };
+    let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.out));
+    let (m, torrent) = map_and_hash(
+        &dev,
+        &MapOptions {
+            name,
+            source: opts.source.display().to_string(),
+            piece_length: opts.piece_length,
+            trackers: opts.trackers.clone(),
+        },
+        store.as_ref(),
+    )?;
+    if let Some(f) = store {
+        f.sync_all()?;
+        std::fs::rename(&store_tmp, opts.out.join(PAYLOAD_FILE))?;
+    }
+    crate::util::write_atomic(&opts.out.join(manifest::TORRENT_FILE), &torrent)?;
+    // The manifest last: its presence marks a complete image.
+    m.save(&manifest_path)?;
+    info!(
+        "captured {} into {}: payload {}, {} pieces of {}, info hash {}, {:.1?}",
+        opts.source.display(),
+        opts.out.display(),
+        human_bytes(m.payload.size),
+        m.payload.piece_count,
+        human_bytes(m.payload.piece_length.into()),
+        m.payload.info_hash,
+        t0.elapsed()
+    );
+    Ok(m)
+}
+
+/// What names an image made by [`map_and_hash`].
+#[derive(Debug, Clone)]
+pub struct MapOptions {
+    pub name: String,
+    /// Where it was captured from, as the manifest records it.
+    pub source: String,
+    pub piece_length: Option<u32>,
+    pub trackers: Vec<String>,
+}
+
+/// Refuses a disk whose file systems are not safe to capture as they lie
+/// (see [`fs::dirty`]), naming the partition and the reason.
+pub fn check_clean(dev: &blockdev::Dev) -> Result<()> {
+    let t = table::read(&dev.file, dev.size, dev.sector_size)
+        .with_context(|| format!("reading the partition table of {}", dev.path.display()))?;
+    let disk = DevSlice::new(&dev.file, 0, dev.size);
+    let mut parts = Vec::new();
+    if t.kind == TableKind::None {
+        parts.push(("the disk".to_string(), disk.sub(0, dev.size)?));
+    }
+    for p in &t.partitions {
+        parts.push((
+            format!("partition {}", p.number),
+            disk.sub(p.start, p.size)?,
+        ));
+    }
+    for (what, slice) in parts {
+        if let Some(why) = fs::dirty::why_dirty(&slice).with_context(|| what.clone())? {
+            bail!(
+                "{} cannot be captured as it is: {what}: {why}",
+                dev.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The one way a disk becomes an image (`capture`, and the agent of a
+/// network-booted master): refuses a dirty disk, maps its used blocks, and
+/// hashes them into the torrent, also writing them to `store` when given.
+/// Returns the manifest (`stored` as `store` says) and the torrent.
+pub fn map_and_hash(
+    dev: &blockdev::Dev,
+    opts: &MapOptions,
+    store: Option<&std::fs::File>,
+) -> Result<(Manifest, Vec<u8>)> {
+    let t0 = Instant::now();
+    check_clean(dev)?;
+    let (table, regions) = map_disk(dev)?;
     let map_time = t0.elapsed();
     let extents: Vec<Extent> = regions
         .iter()
@@ -134,33 +222,22 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
     }
     info!(
         "{}: {} table, {} regions, {} used of {} (mapped in {:.2?})",
-        opts.source.display(),
+        dev.path.display(),
         format!("{:?}", table.kind).to_lowercase(),
         regions.len(),
         human_bytes(map.len()),
         human_bytes(dev.size),
         map_time
     );
-
-    let store_tmp = opts.out.join(format!("{PAYLOAD_FILE}.partial"));
-    let store = if opts.store {
-        let f = std::fs::File::create(&store_tmp)
-            .with_context(|| format!("creating {}", store_tmp.display()))?;
+    if let Some(f) = store {
         f.set_len(map.len())?;
-        Some(f)
-    } else {
-        None
-    };
+    }
     let read = torrent::device_reader(&dev.file, &map);
     let progress = Progress::new(map.len());
-    let pieces = torrent::hash_payload(&read, map.len(), piece_length, store.as_ref(), &|n| {
+    let pieces = torrent::hash_payload(&read, map.len(), piece_length, store, &|n| {
         progress.update(n)
     })
-    .with_context(|| format!("reading the used blocks of {}", opts.source.display()))?;
-    if let Some(f) = store {
-        f.sync_all()?;
-        std::fs::rename(&store_tmp, opts.out.join(PAYLOAD_FILE))?;
-    }
+    .with_context(|| format!("reading the used blocks of {}", dev.path.display()))?;
     let built = torrent::build(
         PAYLOAD_FILE,
         map.len(),
@@ -168,14 +245,12 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
         pieces,
         &opts.trackers,
     )?;
-
-    let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.out));
     let m = Manifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
         created_by: concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into(),
-        name,
-        source: opts.source.display().to_string(),
+        name: opts.name.clone(),
+        source: opts.source.clone(),
         disk: Disk {
             size: dev.size,
             sector_size: dev.sector_size,
@@ -189,25 +264,12 @@ pub fn capture(opts: &CaptureOptions) -> Result<Manifest> {
             piece_count: map.len().div_ceil(u64::from(piece_length)),
             info_hash: torrent::hex(&built.info_hash),
             file: PAYLOAD_FILE.into(),
-            stored: opts.store,
+            stored: store.is_some(),
         },
     };
     m.validate()
         .context("the new manifest is inconsistent (a bug)")?;
-    crate::util::write_atomic(&opts.out.join(manifest::TORRENT_FILE), &built.bytes)?;
-    // The manifest last: its presence marks a complete image.
-    m.save(&manifest_path)?;
-    info!(
-        "captured {} into {}: payload {}, {} pieces of {}, info hash {}, {:.1?}",
-        opts.source.display(),
-        opts.out.display(),
-        human_bytes(m.payload.size),
-        m.payload.piece_count,
-        human_bytes(piece_length.into()),
-        m.payload.info_hash,
-        t0.elapsed()
-    );
-    Ok(m)
+    Ok((m, built.bytes))
 }
 
 fn default_name(out: &Path) -> String {

@@ -353,3 +353,22 @@ impl TileState {
         }
     }
 }
+
+/// `POST /api/v1/admin/hosts/{mac}/capture`: the host's next network boot
+/// captures its disk into image `image`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    pub image: String,
+    /// Pull the payload into the store (default); else serve the image from
+    /// the master as the origin while it seeds.
+    #[serde(default = "yes")]
+    pub store: bool,
+    /// Replace a stored image of that name.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+fn yes() -> bool {
+    true
+}

@@ -53,6 +53,10 @@ pub struct Job {
     /// (the default) or "last" (the last partition and its file system).
     #[serde(default)]
     pub grow: Grow,
+    /// Set by `admin capture` alone (a config's job with it is refused):
+    /// this host is the master, whose disk becomes image `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureSpec>,
 }
 
 /// The folder of the server's state directory it serves hooks from.
@@ -76,6 +80,49 @@ pub fn check_hook_name(name: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A capture task: the host maps its own disk, read-only, and seeds it to
+/// the server (see `agent::capture`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSpec {
+    /// The server pulls the payload into its store; else the image is
+    /// served from the master itself, as the origin, while it seeds.
+    pub store: bool,
+    /// Whether the image may replace a stored image of the same name.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// What a capture task's agent gets besides its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureTicket {
+    /// The single-use credential of the upload (see `server::token`).
+    pub token: String,
+    /// Where the manifest and torrent go, relative to the server URL.
+    pub upload_url: String,
+}
+
+/// The agent's upload of a captured image: no payload, which the server
+/// pulls from the agent's swarm port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureUpload {
+    pub mac: String,
+    pub token: String,
+    /// The agent's BitTorrent port, at the address the upload came from.
+    pub port: u16,
+    /// The manifest, as JSON text.
+    pub manifest: String,
+    /// The torrent, in hex.
+    pub torrent: String,
+}
+
+impl CaptureUpload {
+    /// The largest upload body taken, in bytes (a manifest with a million
+    /// extents and a torrent of a 2 TB payload fit).
+    pub const MAX_BODY: usize = 64 << 20;
 }
 
 fn default_seed_cap() -> u64 {
@@ -122,6 +169,7 @@ impl Job {
             efi_loader: None,
             efi_label: None,
             grow: Grow::default(),
+            capture: None,
         }
     }
 }
@@ -359,6 +407,9 @@ pub struct JobResponse {
     /// `host`, rendered and checked by the server.
     #[serde(default)]
     pub slot: u32,
+    /// Set for a capture task (`job.capture`): the upload's credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureTicket>,
 }
 
 /// What identifies a target disk across reboots: its WWN or serial where the
@@ -494,6 +545,10 @@ pub struct StatusAck {
     /// or failed): the agent stops, writing nothing more.
     #[serde(default)]
     pub image_failed: Option<String>,
+    /// A capture task's image is whole in the server's store: the master
+    /// may stop seeding.
+    #[serde(default)]
+    pub captured: bool,
 }
 
 #[cfg(test)]

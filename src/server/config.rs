@@ -245,6 +245,25 @@ impl ServerConfig {
         if c.announce_interval == 0 {
             bail!("announce_interval: must be at least 1 second");
         }
+        let jobs = c.default_job.iter().map(|j| ("default_job".to_string(), j));
+        let jobs = jobs
+            .chain(
+                c.hosts
+                    .iter()
+                    .filter_map(|h| Some((format!("host {}", h.mac), h.job.as_ref()?))),
+            )
+            .chain(
+                c.groups
+                    .iter()
+                    .filter_map(|g| Some((format!("group {:?}", g.name), g.job.as_ref()?))),
+            );
+        for (what, j) in jobs {
+            if j.capture.is_some() {
+                bail!(
+                    "{what}: job.capture is set by `blockswarm admin capture`, not in the config"
+                );
+            }
+        }
         Ok(c)
     }
 
@@ -325,6 +344,20 @@ mod tests {
         assert!(e.contains("not a MAC"), "{e}");
         let e = format!("{:#}", ServerConfig::parse("[[host]]\nmac = \"52:54:00:00:00:01\"\n[host.job]\nimage = \"a\"\nverify = \"twice\"").unwrap_err());
         assert!(e.contains("verify"), "{e}");
+    }
+
+    #[test]
+    fn a_config_job_cannot_be_a_capture() {
+        for cfg in [
+            "[default_job]\nimage = \"a\"\n[default_job.capture]\nstore = true",
+            "[[group]]\nname = \"r\"\n[group.job]\nimage = \"a\"\ncapture = { store = false }",
+        ] {
+            let e = format!("{:#}", ServerConfig::parse(cfg).unwrap_err());
+            assert!(
+                e.contains("job.capture is set by `blockswarm admin capture`"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

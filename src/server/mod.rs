@@ -11,6 +11,7 @@ use tracing::info;
 pub mod admin_token;
 pub mod api;
 pub mod boot;
+pub mod capture;
 pub mod check;
 pub mod config;
 pub mod dashboard;
@@ -57,6 +58,7 @@ pub async fn serve(
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    capture::clean_store(&cfg.images);
     // Resolved once: the admin API reads `config.admin_token` alone.
     let admin = admin_token::resolve(&cfg)?;
     info!("{}", admin.origin);
@@ -160,7 +162,24 @@ async fn scan_loop(state: Arc<ServerState>) {
                 Some((h, s.state == store::SeedState::Seeding))
             })
             .collect();
+        // Images served from their master while its capture task runs.
+        state
+            .captures
+            .retain_origins(|d, mac| state.rooms.running_job(d, mac).ok().flatten().is_some());
+        let origins = state.captures.origins();
+        let mut tracked = tracked;
+        tracked.extend(origins.iter().filter_map(|o| {
+            Some((
+                crate::util::parse_hex20(&o.image.manifest.payload.info_hash)?,
+                false,
+            ))
+        }));
         state.tracker.set_images(tracked);
+        for o in &origins {
+            if let Some(h) = crate::util::parse_hex20(&o.image.manifest.payload.info_hash) {
+                state.tracker.set_origin(&h, o.origin);
+            }
+        }
         // The seeds vouch for the hosts the tracker heard from lately (each
         // is added at once when it announces; this drops the silent ones).
         state

@@ -10,12 +10,22 @@ use crate::blockdev;
 use crate::image::Image;
 use crate::image::map::PayloadMap;
 use crate::storage::DeviceStorage;
-use crate::swarm::{Swarm, SwarmConfig};
+use crate::swarm::{Limits, Swarm, SwarmConfig};
 
 /// Starts seeding `image`, from `from` (the captured disk) or the store file.
 /// Every piece is verified first: a source that changed since capture is
 /// refused rather than served.
 pub async fn seed(image: &Image, from: Option<&Path>, cfg: &SwarmConfig) -> Result<Swarm> {
+    seed_limited(image, from, cfg, Limits::default()).await
+}
+
+/// As [`seed`], with the session's rate caps (a master's `--max-upload`).
+pub async fn seed_limited(
+    image: &Image,
+    from: Option<&Path>,
+    cfg: &SwarmConfig,
+    limits: Limits,
+) -> Result<Swarm> {
     let m = &image.manifest;
     let (dev, map) = match from {
         Some(path) => {
@@ -53,7 +63,7 @@ pub async fn seed(image: &Image, from: Option<&Path>, cfg: &SwarmConfig) -> Resu
         }
     };
     let storage = DeviceStorage::reader(Arc::new(dev.file), map);
-    let swarm = Swarm::join(image, &storage, cfg).await?;
+    let swarm = Swarm::join_limited(image, &storage, cfg, limits).await?;
     swarm
         .torrent
         .wait_initialized()

@@ -54,6 +54,8 @@ pub struct ServerState {
     pub rooms: Rooms,
     /// The dashboard's logins.
     pub sessions: Sessions,
+    /// Capture tasks' tokens and pulls, and images served from a master.
+    pub captures: super::capture::Captures,
     /// The last report of each host with a task, by MAC: rates and peers,
     /// which the database does not keep.
     live: Mutex<HashMap<String, Live>>,
@@ -145,6 +147,7 @@ impl ServerState {
             seeds,
             rooms,
             sessions: Sessions::default(),
+            captures: Default::default(),
             live: Mutex::default(),
             joins: Mutex::default(),
         }
@@ -210,7 +213,34 @@ impl ServerState {
             Err(ClaimError::Full(e)) => return Err(JobError::NotStarted(e)),
         };
         let mac = normalize_mac(mac).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let job = claim.job;
+        let job = claim.job.clone();
+        let id = claim.deployment;
+        let token = self.keys.issue(id, &mac);
+        if job.capture.is_some() {
+            let ticket = self
+                .issue_capture(id, &mac, remote)
+                .map_err(|e| JobError::Unavailable(format!("{e:#}")))?;
+            return Ok(JobResponse {
+                host: None,
+                slot: claim.group_slot,
+                mac,
+                manifest_url: String::new(),
+                torrent_url: String::new(),
+                trackers: Vec::new(),
+                deployment: id,
+                start_fraction: 0.0,
+                origin: None,
+                disk: claim.disk.clone(),
+                token,
+                job,
+                capture: Some(ticket),
+            });
+        }
+        // An image served from its master: that PC is the origin.
+        if let Some(o) = self.captures.origin(&job.image) {
+            let host = host_name(&claim, &mac, &o.image.manifest)?;
+            return Ok(self.job_response(claim, mac, job, token, Some(o.origin.into()), host));
+        }
         let images = self.images.read().await;
         let seeded = match images.get(&job.image) {
             Some(s) => {
@@ -239,29 +269,25 @@ impl ServerState {
                 _ => s.torrent.is_some(),
             },
         };
-        let host = match &claim.name {
-            Ok(Some(n)) => {
-                let windows = images.get(&job.image).is_some_and(|s| {
-                    s.image
-                        .manifest
-                        .regions
-                        .iter()
-                        .any(|r| r.fs == Some(crate::image::fs::FsKind::Ntfs))
-                });
-                crate::protocol::hostname::check(n, windows).map_err(|e| {
-                    JobError::NoJob(format!(
-                        "{mac}: cannot name it for image {:?}: {e:#}",
-                        job.image
-                    ))
-                })?;
-                Some(n.clone())
-            }
-            Ok(None) => None,
-            Err(e) => return Err(JobError::NoJob(format!("{mac}: {e}"))),
+        let host = match images.get(&job.image) {
+            Some(s) => host_name(&claim, &mac, &s.image.manifest)?,
+            None => None,
         };
         drop(images);
+        let origin = if seeded { self.origin_for(local) } else { None };
+        Ok(self.job_response(claim, mac, job, token, origin, host))
+    }
+
+    fn job_response(
+        &self,
+        claim: super::rooms::Claim,
+        mac: String,
+        job: crate::protocol::Job,
+        token: String,
+        origin: Option<SocketAddr>,
+        host: Option<String>,
+    ) -> JobResponse {
         let id = claim.deployment;
-        let token = self.keys.issue(id, &mac);
         let announce = self.config.announce_url();
         let trackers = if self.config.tracker == "builtin" {
             vec![format!("{announce}?token={token}")]
@@ -269,7 +295,7 @@ impl ServerState {
             vec![announce]
         };
         let name = &job.image;
-        Ok(JobResponse {
+        JobResponse {
             host,
             slot: claim.group_slot,
             mac,
@@ -278,11 +304,12 @@ impl ServerState {
             trackers,
             deployment: id,
             start_fraction: crate::protocol::spread(claim.slot),
-            origin: if seeded { self.origin_for(local) } else { None },
+            origin,
             disk: claim.disk,
             token,
             job,
-        })
+            capture: None,
+        }
     }
 
     /// The names of the images the store can serve.
@@ -293,6 +320,12 @@ impl ServerState {
             .iter()
             .filter(|(_, s)| !matches!(s.state, SeedState::Failed(_)))
             .map(|(n, _)| n.clone())
+            .chain(
+                self.captures
+                    .origins()
+                    .into_iter()
+                    .map(|o| o.image.manifest.name),
+            )
             .collect()
     }
 
@@ -355,6 +388,7 @@ impl ServerState {
                 r.mac
             )));
         };
+        let capture = self.captures.standing(deployment, &r.mac);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut r = r;
         r.log = Vec::new();
@@ -369,7 +403,8 @@ impl ServerState {
         Ok(StatusAck {
             deployment_done: outcome.deployment_done,
             stopped: outcome.stopped,
-            image_failed,
+            image_failed: image_failed.or(capture.failed),
+            captured: capture.stored,
         })
     }
 
@@ -835,6 +870,33 @@ fn clip(mut s: String, max: usize) -> String {
     s.truncate(cut);
     s.push_str(&format!("… ({dropped} bytes cut)"));
     s
+}
+
+/// The name `claim`'s host is given, checked for `image` (at most 15
+/// characters when it holds Windows' NTFS): a name that does not fit
+/// means no job, with the reason.
+fn host_name(
+    claim: &super::rooms::Claim,
+    mac: &str,
+    image: &crate::image::manifest::Manifest,
+) -> Result<Option<String>, JobError> {
+    match &claim.name {
+        Ok(Some(n)) => {
+            let windows = image
+                .regions
+                .iter()
+                .any(|r| r.fs == Some(crate::image::fs::FsKind::Ntfs));
+            crate::protocol::hostname::check(n, windows).map_err(|e| {
+                JobError::NoJob(format!(
+                    "{mac}: cannot name it for image {:?}: {e:#}",
+                    image.name
+                ))
+            })?;
+            Ok(Some(n.clone()))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(JobError::NoJob(format!("{mac}: {e}"))),
+    }
 }
 
 #[cfg(test)]

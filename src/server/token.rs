@@ -93,6 +93,59 @@ impl HostKeys {
     }
 }
 
+impl HostKeys {
+    /// A capture token for `mac`'s capture task in `deployment`:
+    /// `cap.{deployment}.{mac}.{nonce}.{tag}`, the tag an HMAC over all
+    /// three. The server keeps the nonce of the one it issued last and
+    /// takes it back at the first upload ([`super::capture`]), so a token
+    /// is good once, for that host and task.
+    pub fn issue_capture(&self, deployment: u64, mac: &str) -> Result<(String, String)> {
+        let nonce = random_hex()?;
+        let tag = hmac::sign(&self.key, &capture_message(deployment, mac, &nonce));
+        let token = format!(
+            "cap.{deployment}.{}.{nonce}.{}",
+            mac.replace(':', ""),
+            hex(tag.as_ref())
+        );
+        Ok((token, nonce))
+    }
+
+    /// The task and nonce of a capture token this server issued.
+    pub fn check_capture(&self, token: &str) -> Option<(HostToken, String)> {
+        if token.len() > MAX_TOKEN_LEN + 64 {
+            return None;
+        }
+        let rest = token.strip_prefix("cap.")?;
+        let (host, nonce_tag) = rest.split_at_checked(rest.match_indices('.').nth(1)?.0)?;
+        let (nonce, tag) = nonce_tag.strip_prefix('.')?.split_once('.')?;
+        if nonce.len() != 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let (dep, mac) = host.split_once('.')?;
+        if mac.len() != 12 || tag.len() != 64 {
+            return None;
+        }
+        let deployment: u64 = dep.parse().ok()?;
+        let mac = (0..6)
+            .map(|i| mac.get(2 * i..2 * i + 2))
+            .collect::<Option<Vec<_>>>()?
+            .join(":");
+        let mac = crate::server::config::normalize_mac(&mac).ok()?;
+        // ring compares the tags in constant time.
+        hmac::verify(
+            &self.key,
+            &capture_message(deployment, &mac, nonce),
+            &unhex(tag)?,
+        )
+        .ok()?;
+        Some((HostToken { deployment, mac }, nonce.to_string()))
+    }
+}
+
+fn capture_message(deployment: u64, mac: &str, nonce: &str) -> Vec<u8> {
+    format!("blockswarm capture token v1 {deployment} {mac} {nonce}").into_bytes()
+}
+
 fn message(deployment: u64, mac: &str) -> Vec<u8> {
     format!("blockswarm host token v1 {deployment} {mac}").into_bytes()
 }
@@ -144,7 +197,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
         .collect()
@@ -182,6 +235,32 @@ mod tests {
             &(t.clone() + ".x"),
         ] {
             assert_eq!(k.check(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn capture_tokens_check_themselves() {
+        let k = HostKeys::random();
+        let (t, nonce) = k.issue_capture(7, "52:54:00:ab:cd:01").unwrap();
+        let (t2, nonce2) = k.issue_capture(7, "52:54:00:ab:cd:01").unwrap();
+        assert_ne!((&t, &nonce), (&t2, &nonce2), "each token is new");
+        let host = HostToken {
+            deployment: 7,
+            mac: "52:54:00:ab:cd:01".into(),
+        };
+        assert_eq!(k.check_capture(&t), Some((host, nonce.clone())));
+        // A host token is not a capture token, nor the reverse.
+        assert_eq!(k.check_capture(&k.issue(7, "52:54:00:ab:cd:01")), None);
+        assert_eq!(k.check(&t), None);
+        assert_eq!(HostKeys::random().check_capture(&t), None);
+        for (from, to) in [("525400abcd01", "525400abcd02"), ("cap.7.", "cap.8.")] {
+            assert_eq!(k.check_capture(&t.replacen(from, to, 1)), None, "{to}");
+        }
+        let other = if nonce.starts_with('0') { "1" } else { "0" };
+        let forged = t.replacen(&nonce, &format!("{other}{}", &nonce[1..]), 1);
+        assert_eq!(k.check_capture(&forged), None);
+        for bad in ["cap.", "cap....", &t[..t.len() - 2], &(t.clone() + "00")] {
+            assert_eq!(k.check_capture(bad), None, "{bad}");
         }
     }
 

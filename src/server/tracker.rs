@@ -53,6 +53,9 @@ pub struct Tracker {
 struct Swarm {
     /// Whether the server's seed serves it (then the origin is listed).
     seeded: bool,
+    /// The origin when it is not the server's seed: the master PC of an
+    /// image captured with `store = false`.
+    origin: Option<SocketAddrV4>,
     /// By host id (the MAC its token names).
     hosts: HashMap<String, Peer>,
     /// By peer id.
@@ -117,6 +120,7 @@ impl Tracker {
             g.entry(h)
                 .or_insert_with(|| Swarm {
                     seeded,
+                    origin: None,
                     hosts: HashMap::new(),
                     guests: HashMap::new(),
                     pruned: Instant::now(),
@@ -124,6 +128,14 @@ impl Tracker {
                 .seeded = seeded;
         }
         g.retain(|h, _| keep.contains(h));
+    }
+
+    /// Lists `origin` as the origin of tracked image `h`, which the
+    /// server's seed does not serve.
+    pub fn set_origin(&self, h: &InfoHash, origin: SocketAddrV4) {
+        if let Some(s) = self.lock().get_mut(h) {
+            s.origin = Some(origin);
+        }
     }
 
     pub fn counts(&self, h: &InfoHash) -> SwarmCounts {
@@ -220,7 +232,7 @@ impl Tracker {
         let wants_peers = a.left > 0 && !stopped;
         let mut listed: Vec<SocketAddrV4> = Vec::new();
         if wants_peers {
-            let origin = from.origin.filter(|_| swarm.seeded);
+            let origin = swarm.origin.or(from.origin.filter(|_| swarm.seeded));
             let mut hosts: Vec<&Peer> = swarm
                 .hosts
                 .iter()

@@ -114,7 +114,17 @@ pub struct Swarm {
 
 impl Swarm {
     pub async fn join(image: &Image, storage: &DeviceStorage, cfg: &SwarmConfig) -> Result<Self> {
-        let session = SwarmSession::start(cfg.listen, Limits::default(), false).await?;
+        Self::join_limited(image, storage, cfg, Limits::default()).await
+    }
+
+    /// As [`Swarm::join`], with the session's rate caps.
+    pub async fn join_limited(
+        image: &Image,
+        storage: &DeviceStorage,
+        cfg: &SwarmConfig,
+        limits: Limits,
+    ) -> Result<Self> {
+        let session = SwarmSession::start(cfg.listen, limits, false).await?;
         let torrent = session.add(image, storage, cfg).await?;
         Ok(Self { session, torrent })
     }

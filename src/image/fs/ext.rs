@@ -18,7 +18,8 @@ const SB_LEN: usize = 1024;
 const MAGIC: u16 = 0xEF53;
 
 const COMPAT_SPARSE_SUPER2: u32 = 0x200;
-const INCOMPAT_RECOVER: u32 = 0x4;
+/// The journal holds transactions not yet replayed.
+pub const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
 const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_64BIT: u32 = 0x80;
@@ -49,6 +50,14 @@ pub fn probe(dev: &DevSlice) -> Result<bool> {
         .context("ext: reading the superblock")?;
     // Revision 0 or 1 (dynamic): anything else is not a real superblock.
     Ok(le16(&sb, 0x38) == MAGIC && le32(&sb, 0x4C) <= 1)
+}
+
+/// The superblock's incompatible feature flags.
+pub fn incompat_features(dev: &DevSlice) -> Result<u32> {
+    let sb = dev
+        .read_vec(SB_OFF, SB_LEN)
+        .context("ext: reading the superblock")?;
+    Ok(le32(&sb, 0x60))
 }
 
 /// Used extents, relative to the start of `dev`: sorted and merged.

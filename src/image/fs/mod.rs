@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extent::{DevSlice, Extent};
 
+pub mod dirty;
 pub mod ext;
 pub mod fat;
 pub mod fatdir;

@@ -77,6 +77,12 @@ fn boot_sector(dev: &DevSlice) -> Result<[u8; 512]> {
     Ok(bs)
 }
 
+/// Refuses a boot sector the NTFS parser must not be given.
+pub fn check_bpb(dev: &DevSlice) -> Result<()> {
+    parse_bpb(&boot_sector(dev)?).context("invalid NTFS boot sector")?;
+    Ok(())
+}
+
 /// Whether `dev` starts with an NTFS boot sector with a sane BPB.
 pub fn probe(dev: &DevSlice) -> Result<bool> {
     if dev.len() < 512 {

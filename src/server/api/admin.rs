@@ -79,6 +79,16 @@ pub async fn reimage(_: Admin, State(s): State<AppState>, Path(mac): Path<String
     answer(s.start(&req).await)
 }
 
+/// Marks a host to capture its disk into an image at its next network boot.
+pub async fn capture(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(mac): Path<String>,
+    Json(req): Json<crate::protocol::admin::CaptureRequest>,
+) -> Response {
+    answer(s.start_capture(&mac, &req).await)
+}
+
 #[derive(Debug, Deserialize)]
 pub struct LogQuery {
     deployment: Option<u64>,

@@ -33,17 +33,26 @@ pub async fn image_file(
     Path((name, file)): Path<(String, String)>,
 ) -> Response {
     let images = s.images.read().await;
-    let Some(img) = images.get(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no image {name:?}"));
+    let origin = s.captures.origin(&name);
+    let image = match (images.get(&name), &origin) {
+        (_, Some(o)) => &o.image,
+        (Some(img), None) => &img.image,
+        (None, None) => return error(StatusCode::NOT_FOUND, format!("no image {name:?}")),
     };
     match file.as_str() {
-        manifest::MANIFEST_FILE => match std::fs::read(img.image.dir.join(manifest::MANIFEST_FILE))
-        {
-            Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
+        manifest::MANIFEST_FILE => {
+            let b = match &origin {
+                Some(o) => serde_json::to_vec(&o.image.manifest).map_err(|e| e.to_string()),
+                None => std::fs::read(image.dir.join(manifest::MANIFEST_FILE))
+                    .map_err(|e| e.to_string()),
+            };
+            match b {
+                Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
         manifest::TORRENT_FILE => {
-            match torrent::with_trackers(&img.image.torrent, &[s.config.announce_url()]) {
+            match torrent::with_trackers(&image.torrent, &[s.config.announce_url()]) {
                 Ok(b) => ([(header::CONTENT_TYPE, "application/x-bittorrent")], b).into_response(),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
@@ -117,4 +126,23 @@ pub struct ViewQuery {
 pub async fn deployment(State(s): State<AppState>, Query(q): Query<ViewQuery>) -> Response {
     let limit = q.limit.unwrap_or(crate::server::MAX_HOSTS);
     Json(s.view(q.id, q.offset.unwrap_or(0), limit).await).into_response()
+}
+
+/// A capture task's master uploads its image's manifest and torrent.
+pub async fn capture_upload(
+    State(s): State<AppState>,
+    Extension(c): Extension<Conn>,
+    Json(u): Json<crate::protocol::CaptureUpload>,
+) -> Response {
+    use crate::server::capture::UploadError;
+    match s.capture_upload(u, c.remote.ip()).await {
+        Ok(msg) => Json(serde_json::json!({ "message": msg })).into_response(),
+        Err(UploadError::Bad(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(UploadError::Refused(e)) => {
+            s.counters
+                .reports_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            error(StatusCode::FORBIDDEN, e)
+        }
+    }
 }

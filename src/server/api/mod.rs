@@ -31,12 +31,19 @@ pub fn router(state: AppState) -> Router {
         .route("/hooks/{name}", get(agent::hook))
         .route("/api/v1/jobs/{mac}", get(agent::job))
         .route("/api/v1/status", post(agent::status))
+        .route(
+            "/api/v1/capture",
+            post(agent::capture_upload).layer(axum::extract::DefaultBodyLimit::max(
+                crate::protocol::CaptureUpload::MAX_BODY,
+            )),
+        )
         .route("/api/v1/deployment", get(agent::deployment))
         .route("/api/v1/admin/images", get(admin::images))
         .route("/api/v1/admin/hosts", get(admin::hosts))
         .route("/api/v1/admin/hosts/{mac}", put(admin::update_host))
         .route("/api/v1/admin/hosts/{mac}/job", put(admin::set_job))
         .route("/api/v1/admin/hosts/{mac}/reimage", post(admin::reimage))
+        .route("/api/v1/admin/hosts/{mac}/capture", post(admin::capture))
         .route("/api/v1/admin/hosts/{mac}/log", get(admin::log))
         .route("/api/v1/admin/groups", get(admin::groups))
         .route("/api/v1/admin/groups/{name}", put(admin::put_group))

@@ -17,7 +17,7 @@ use super::MAX_HOSTS;
 use super::config::{ServerConfig, normalize_mac};
 use super::db::{Db, count, json_col, now_ms, one, to_json};
 use crate::protocol::admin::{DeploymentState, ExitType, StartRequest, TaskState};
-use crate::protocol::{AgentState, DiskIdentity, Job, Progress};
+use crate::protocol::{AgentState, CaptureSpec, DiskIdentity, Job, Progress};
 
 /// Hosts seen network-booting but never approved, at most; past this the
 /// least recently seen is forgotten.
@@ -183,9 +183,10 @@ impl Rooms {
         let mut c = self.db.lock();
         let tx = c.transaction()?;
         let now = now_ms();
-        let Some((id, state, attempts, max, dstate)) = one(
+        let Some((id, state, attempts, max, dstate, capture)) = one(
             &tx,
-            "SELECT t.id, t.state, t.attempts, t.max_attempts, d.state FROM tasks t \
+            "SELECT t.id, t.state, t.attempts, t.max_attempts, d.state, \
+             json_extract(t.job, '$.capture') IS NOT NULL FROM tasks t \
              JOIN deployments d ON d.id = t.deployment WHERE t.deployment = ?1 AND t.mac = ?2",
             params![u.deployment as i64, u.mac],
             |r| {
@@ -195,6 +196,7 @@ impl Rooms {
                     r.get::<_, u32>(2)?,
                     r.get::<_, u32>(3)?,
                     r.get::<_, String>(4)?,
+                    r.get::<_, bool>(5)?,
                 ))
             },
         )?
@@ -229,7 +231,9 @@ impl Rooms {
         )?;
         let mut out = Outcome::default();
         match (state, u.state) {
-            (TaskState::Pending | TaskState::Running, s) if s.finished() => {
+            // A master seeding its capture is done when the server says
+            // (`finish_capture`), not when it starts to seed.
+            (TaskState::Pending | TaskState::Running, s) if s.finished() && !capture => {
                 // The agent says finished only once every piece passed its
                 // hash (and the read-back, with verify = "readback").
                 tx.execute(
@@ -438,6 +442,86 @@ impl Rooms {
                 .map_or(String::new(), |n| format!(", expecting {n}"))
         );
         Ok(id as u64)
+    }
+
+    /// Starts a capture task: a deployment of `mac` alone, whose disk
+    /// becomes image `image`.
+    /// The job is the host's own (its disk selector, `on_done`...) with
+    /// `image` and `spec`.
+    pub fn start_capture(&self, mac: &str, image: &str, spec: CaptureSpec) -> Result<u64> {
+        let mac = normalize_mac(mac)?;
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        upsert_host(&tx, &mac, now)?;
+        let job = Job {
+            capture: Some(spec),
+            ..job_of(&tx, &mac, self, Some(image))?.unwrap_or_else(|| Job::for_image(image))
+        };
+        let job = &job;
+        tx.execute("UPDATE hosts SET registered = 1 WHERE mac = ?1", [&mac])?;
+        if let Some(d) = one(
+            &tx,
+            "SELECT t.deployment FROM tasks t JOIN deployments d ON d.id = t.deployment \
+             WHERE t.mac = ?1 AND t.state IN ('pending','running') AND d.state = 'running'",
+            [&mac],
+            |r| r.get::<_, i64>(0),
+        )? {
+            bail!("{mac} is busy in deployment {d}: stop it first");
+        }
+        tx.execute(
+            "INSERT INTO deployments (grp, image, expect, open, state, started) \
+             VALUES (NULL, ?1, NULL, 0, 'running', ?2)",
+            params![job.image, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO tasks (deployment, mac, job, state, max_attempts, slot, created) \
+             VALUES (?1, ?2, ?3, 'pending', ?4, 0, ?5)",
+            params![id, mac, to_json(job), DEFAULT_ATTEMPTS, now],
+        )?;
+        tx.commit()?;
+        tracing::info!(
+            "deployment {id}: {mac} will capture its disk into image {}",
+            job.image
+        );
+        Ok(id as u64)
+    }
+
+    /// The job of `mac`'s open task in running deployment `deployment`.
+    pub fn running_job(&self, deployment: u64, mac: &str) -> Result<Option<Job>> {
+        let c = self.db.lock();
+        Ok(one(
+            &c,
+            "SELECT t.job AS job FROM tasks t JOIN deployments d ON d.id = t.deployment \
+             WHERE t.deployment = ?1 AND t.mac = ?2 AND t.state IN ('pending','running') \
+             AND d.state = 'running'",
+            params![deployment as i64, mac],
+            |r| json_col::<Job>(r, "job"),
+        )?
+        .flatten())
+    }
+
+    /// Ends a capture task as the server's pull did: done, or failed with
+    /// `error`.
+    pub fn finish_capture(&self, deployment: u64, mac: &str, error: Option<&str>) -> Result<()> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE tasks SET state = ?3, error = ?4, ended = ?5 \
+             WHERE deployment = ?1 AND mac = ?2 AND state IN ('pending','running')",
+            params![
+                deployment as i64,
+                mac,
+                if error.is_some() { "failed" } else { "done" },
+                error,
+                now
+            ],
+        )?;
+        settle(&tx, deployment, now)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// What a report that changes nothing but progress is answered: the
@@ -695,9 +779,11 @@ fn job_of(tx: &Connection, mac: &str, rooms: &Rooms, image: Option<&str>) -> Res
         [mac],
         |r| Ok((json_col::<Job>(r, "job")?, json_col::<Job>(r, "gjob")?)),
     )?;
+    // A capture comes from `start_capture` alone, never from a stored job.
     let job = own
         .and_then(|(h, g)| h.or(g))
-        .or_else(|| rooms.default_job.clone());
+        .or_else(|| rooms.default_job.clone())
+        .map(|j| Job { capture: None, ..j });
     Ok(match (job, image) {
         (Some(j), Some(i)) => Some(Job {
             image: i.to_string(),
