@@ -45,7 +45,7 @@ fn ntfs_dirty(dev: &DevSlice) -> Result<Option<String>> {
     let mut fs = Ntfs::new(&mut r).context("opening the NTFS volume")?;
     let flags = fs
         .volume_info(&mut r)
-        .context("reading $Volume's information")?
+        .context("reading $Volume's record in the MFT")?
         .flags();
     if flags.contains(NtfsVolumeFlags::IS_DIRTY) {
         return Ok(Some(
