@@ -740,7 +740,8 @@ fn open_task(
     // Why not: the latest task says, else the host's standing.
     let last = one(
         tx,
-        "SELECT deployment, state, attempts, error FROM tasks WHERE mac = ?1 ORDER BY id DESC LIMIT 1",
+        "SELECT deployment, state, attempts, error, agent_state, id FROM tasks WHERE mac = ?1 \
+         ORDER BY id DESC LIMIT 1",
         [mac],
         |r| {
             Ok((
@@ -748,9 +749,28 @@ fn open_task(
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
                 r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         },
     )?;
+    // Imaged, then restarted while fitting (grow, name, hooks, boot entry):
+    // the disk may not be what the job asked for (a grow in progress leaves
+    // it showing no table). Never silently "done": failed, with the reason.
+    let fitting = serde_json::to_string(&AgentState::Fitting)?;
+    let last = match last {
+        Some((d, s, a, _, Some(agent), id)) if s == "done" && agent == fitting => {
+            let why = "the PC restarted while fitting its disk after imaging (grow, name, hooks, \
+                       boot entry); re-image it";
+            tx.execute(
+                "UPDATE tasks SET state = 'failed', error = ?2 WHERE id = ?1",
+                params![id, why],
+            )?;
+            tracing::warn!("{mac}: {why}");
+            Some((d, "failed".to_string(), a, Some(why.to_string())))
+        }
+        other => other.map(|(d, s, a, e, _, _)| (d, s, a, e)),
+    };
     Ok(Err(match (last, registered) {
         (_, false) => {
             format!("{mac} is not registered: approve it, or open a deployment to unknown hosts")

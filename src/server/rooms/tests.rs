@@ -390,3 +390,27 @@ fn a_failure_while_fitting_an_imaged_pc_fails_its_task() {
     let d = r.deployment(id).unwrap().unwrap();
     assert_eq!(d.tasks.failed, 1);
 }
+
+#[test]
+fn a_pc_restarted_while_fitting_is_failed_not_done() {
+    let r = rooms("");
+    let id = start(&r, "room-2");
+    r.claim(C, &mut |_| true).unwrap();
+    report(&r, id, C, AgentState::Seeding);
+    report(&r, id, C, AgentState::Fitting);
+    // Power cut while growing: the PC network-boots again.
+    let Boot::Local { why, .. } = r.boot(C, &mut |_| true).unwrap() else {
+        panic!("sent to the agent")
+    };
+    assert!(why.contains("restarted while fitting"), "{why}");
+    let t = r.tasks(id, 0, 10).unwrap();
+    assert_eq!(t[0].task, TaskState::Failed, "{t:?}");
+    // A PC that finished fitting stays done.
+    let r = rooms("");
+    let id = start(&r, "room-2");
+    r.claim(C, &mut |_| true).unwrap();
+    report(&r, id, C, AgentState::Fitting);
+    report(&r, id, C, AgentState::Done);
+    assert!(no_task(&r, C).contains("was imaged by deployment"));
+    assert_eq!(r.tasks(id, 0, 10).unwrap()[0].task, TaskState::Done);
+}
