@@ -78,15 +78,10 @@ impl HostKeys {
         }
         let mut parts = token.split('.');
         let (dep, mac, tag) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || mac.len() != 12 || tag.len() != 64 {
+        if parts.next().is_some() || tag.len() != 64 {
             return None;
         }
-        let deployment: u64 = dep.parse().ok()?;
-        let mac = (0..6)
-            .map(|i| mac.get(2 * i..2 * i + 2))
-            .collect::<Option<Vec<_>>>()?
-            .join(":");
-        let mac = crate::server::config::normalize_mac(&mac).ok()?;
+        let (deployment, mac) = parse_host(dep, mac)?;
         let tag = unhex(tag)?;
         hmac::verify(&self.key, &message(deployment, &mac), &tag).ok()?;
         Some(HostToken { deployment, mac })
@@ -122,15 +117,10 @@ impl HostKeys {
             return None;
         }
         let (dep, mac) = host.split_once('.')?;
-        if mac.len() != 12 || tag.len() != 64 {
+        if tag.len() != 64 {
             return None;
         }
-        let deployment: u64 = dep.parse().ok()?;
-        let mac = (0..6)
-            .map(|i| mac.get(2 * i..2 * i + 2))
-            .collect::<Option<Vec<_>>>()?
-            .join(":");
-        let mac = crate::server::config::normalize_mac(&mac).ok()?;
+        let (deployment, mac) = parse_host(dep, mac)?;
         // ring compares the tags in constant time.
         hmac::verify(
             &self.key,
@@ -140,6 +130,21 @@ impl HostKeys {
         .ok()?;
         Some((HostToken { deployment, mac }, nonce.to_string()))
     }
+}
+
+/// The `{deployment}.{mac as 12 hex digits}` part both kinds of token
+/// share, the MAC normalized.
+fn parse_host(dep: &str, mac: &str) -> Option<(u64, String)> {
+    if mac.len() != 12 {
+        return None;
+    }
+    let deployment: u64 = dep.parse().ok()?;
+    let mac = (0..6)
+        .map(|i| mac.get(2 * i..2 * i + 2))
+        .collect::<Option<Vec<_>>>()?
+        .join(":");
+    let mac = crate::server::config::normalize_mac(&mac).ok()?;
+    Some((deployment, mac))
 }
 
 fn capture_message(deployment: u64, mac: &str, nonce: &str) -> Vec<u8> {
