@@ -19,6 +19,10 @@ pub struct Image {
     pub dir: PathBuf,
     pub manifest: manifest::Manifest,
     pub torrent: Vec<u8>,
+    /// The torrent's bytes before the payload: the manifest as it carries
+    /// it, padded to a piece boundary ([`torrent::prefix`]), proved by the
+    /// torrent's piece hashes. Served from memory, never written to a disk.
+    pub prefix: std::sync::Arc<[u8]>,
 }
 
 impl Image {
@@ -27,12 +31,25 @@ impl Image {
         let tpath = dir.join(manifest::TORRENT_FILE);
         let torrent =
             std::fs::read(&tpath).with_context(|| format!("reading {}", tpath.display()))?;
-        torrent::check(&torrent, &manifest)
+        let prefix = torrent::check(&torrent, &manifest)
             .with_context(|| format!("{} does not match its manifest", tpath.display()))?;
         Ok(Self {
             dir: dir.to_owned(),
             manifest,
             torrent,
+            prefix: prefix.into(),
+        })
+    }
+
+    /// An image made here (a capture): checked all the same.
+    pub fn new(dir: PathBuf, manifest: manifest::Manifest, torrent: Vec<u8>) -> Result<Self> {
+        let prefix = torrent::check(&torrent, &manifest)
+            .context("the new torrent does not match its manifest (a bug)")?;
+        Ok(Self {
+            dir,
+            manifest,
+            torrent,
+            prefix: prefix.into(),
         })
     }
 
@@ -40,12 +57,13 @@ impl Image {
     pub fn from_bytes(origin: &str, manifest: &[u8], torrent: Vec<u8>) -> Result<Self> {
         let manifest = manifest::Manifest::parse(manifest)
             .with_context(|| format!("manifest from {origin}"))?;
-        torrent::check(&torrent, &manifest)
+        let prefix = torrent::check(&torrent, &manifest)
             .with_context(|| format!("the torrent from {origin} does not match its manifest"))?;
         Ok(Self {
             dir: PathBuf::from(origin),
             manifest,
             torrent,
+            prefix: prefix.into(),
         })
     }
 
@@ -53,6 +71,30 @@ impl Image {
     pub fn store_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.payload.file)
     }
+}
+
+/// Turns an image directory made before the torrent carried the manifest
+/// (a single-file torrent) into the self-contained layout, once: the
+/// payload's piece hashes are kept (nothing is read again), the torrent and
+/// the manifest's info hash are rewritten. Returns the old and new info
+/// hashes when it converted something.
+pub fn upgrade(dir: &Path) -> Result<Option<(String, String)>> {
+    let tpath = dir.join(manifest::TORRENT_FILE);
+    let Ok(old) = std::fs::read(&tpath) else {
+        return Ok(None);
+    };
+    if !torrent::is_single_file(&old) {
+        return Ok(None);
+    }
+    let mpath = dir.join(manifest::MANIFEST_FILE);
+    let m = manifest::Manifest::load(&mpath)?;
+    let (new_m, built) =
+        torrent::convert(&old, &m).with_context(|| format!("converting {}", tpath.display()))?;
+    // The torrent first: a crash between the two leaves a directory that
+    // does not load (info hashes differ) rather than a wrong one.
+    crate::util::write_atomic(&tpath, &built.bytes)?;
+    new_m.save(&mpath)?;
+    Ok(Some((m.payload.info_hash, new_m.payload.info_hash)))
 }
 
 /// A human-readable summary of an image.

@@ -513,16 +513,27 @@ impl Shared {
         n
     }
 
-    /// Hashes what the storage already holds, unless it is fresh.
+    /// Hashes what the storage already holds: all of it, or only the
+    /// manifest's pieces of a fresh one.
     pub(super) async fn initial_check(self: &Arc<Self>) -> Result<()> {
         let n = self.lengths.count();
-        if !self.storage.is_fresh() {
+        let fresh = self.storage.is_fresh();
+        // A fresh target holds nothing yet, but the manifest's pieces are in
+        // memory when the image is known: they are checked (a few pieces).
+        let check_len = if !fresh {
+            self.lengths.total()
+        } else if self.storage.prefix_known() {
+            self.storage.prefix_len()
+        } else {
+            0
+        };
+        if check_len > 0 {
             let t = self.clone();
             let good = tokio::task::spawn_blocking(move || -> Result<Bits> {
                 let read = |off: u64, buf: &mut [u8]| t.storage.read(off, buf);
                 let got = crate::image::torrent::hash_payload(
                     &read,
-                    t.lengths.total(),
+                    check_len,
                     t.lengths.piece_len(),
                     None,
                     &|_| {},
