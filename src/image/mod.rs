@@ -67,6 +67,12 @@ impl Image {
         })
     }
 
+    /// The payload's piece hashes (the torrent's after the manifest's),
+    /// indexed by payload piece.
+    pub fn payload_hashes(&self) -> Result<Vec<u8>> {
+        Ok(torrent::layout(&self.torrent)?.payload_pieces().to_vec())
+    }
+
     /// The plain payload file, when the image was captured with `--store`.
     pub fn store_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.payload.file)

@@ -650,6 +650,12 @@ impl Torrent {
         }
     }
 
+    /// Whether the first `n` pieces are verified (an image's manifest).
+    pub fn has_first(&self, n: usize) -> bool {
+        let k = self.shared.picker();
+        (0..n).all(|i| k.have().get(i))
+    }
+
     /// Fails if the torrent stopped with an error.
     pub fn check_error(&self) -> Result<()> {
         if let State::Failed(e) = &*self.shared.state.borrow() {
