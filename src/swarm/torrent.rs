@@ -464,7 +464,12 @@ impl Shared {
             self.verified.insert(p, d.clone());
             return Ok(Some(d));
         }
-        let end = off + buf.len() as u64;
+        // Named by payload offsets: the manifest's pieces come first.
+        let pre = self.storage.prefix_len();
+        let (off, end) = (
+            off.saturating_sub(pre),
+            (off + buf.len() as u64).saturating_sub(pre),
+        );
         if !self.storage.is_writable() {
             let e = format!(
                 "piece {p} (payload bytes {off}..{end}) no longer matches its hash: \
