@@ -397,3 +397,51 @@ impl super::state::ServerState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample image's torrent and its prefix (manifest and pad).
+    fn sample() -> (Vec<u8>, Vec<u8>) {
+        let mut m = crate::image::manifest::tests::sample();
+        m.name = "lab".into();
+        let pieces = vec![7u8; 20];
+        let built = torrent::build(&m, pieces, &[]).unwrap();
+        (built.bytes, torrent::prefix(&m).unwrap())
+    }
+
+    #[test]
+    fn the_manifest_from_the_torrents_pieces_is_checked_and_named_by_its_hash() {
+        let (t, prefix) = sample();
+        let l = torrent::layout(&t).unwrap();
+        let img = manifest_from_prefix(&l, &t, &prefix).unwrap();
+        assert_eq!(img.manifest.payload.info_hash, torrent::hex(&l.info_hash));
+        assert_eq!(img.manifest.name, "lab");
+        assert!(!img.manifest.payload.stored);
+        assert_eq!(&img.prefix[..], &prefix[..]);
+    }
+
+    #[test]
+    fn a_tampered_manifest_piece_is_refused() {
+        let (t, prefix) = sample();
+        let l = torrent::layout(&t).unwrap();
+        // Valid JSON still, but not the manifest the piece hash describes.
+        let json = String::from_utf8(prefix[..l.manifest_len as usize].to_vec()).unwrap();
+        let evil = json.replace("/dev/null", "/dev/nul1");
+        assert_ne!(evil, json);
+        let mut bad = evil.into_bytes();
+        bad.resize(prefix.len(), 0);
+        let e = format!("{:#}", manifest_from_prefix(&l, &t, &bad).unwrap_err());
+        assert!(
+            e.contains("differs from the one the torrent's piece hashes describe"),
+            "{e}"
+        );
+        // Bytes that are no manifest at all.
+        let e = format!(
+            "{:#}",
+            manifest_from_prefix(&l, &t, &vec![0u8; prefix.len()]).unwrap_err()
+        );
+        assert!(e.contains("not a valid manifest"), "{e}");
+    }
+}
