@@ -640,12 +640,19 @@ impl Torrent {
         *self.shared.state.borrow() == State::Live
     }
 
+    /// Of the payload: the manifest's pieces (held in memory) do not count.
     pub fn progress(&self) -> Progress {
         let s = &self.shared;
         let (down, up) = *lock(&s.rates);
+        let plen = u64::from(s.lengths.piece_len());
+        let pre = s.storage.prefix_len();
+        let pre_done = {
+            let k = s.picker();
+            (0..(pre / plen) as usize).filter(|&i| k.have().get(i)).count() as u64 * plen
+        };
         Progress {
-            done_bytes: s.done_bytes(),
-            total_bytes: s.lengths.total(),
+            done_bytes: s.done_bytes().saturating_sub(pre_done),
+            total_bytes: s.lengths.total() - pre,
             uploaded_bytes: s.uploaded(),
             down_bps: down,
             up_bps: up,
