@@ -89,18 +89,41 @@ pub fn upgrade(dir: &Path) -> Result<Option<(String, String)>> {
     let Ok(old) = std::fs::read(&tpath) else {
         return Ok(None);
     };
-    if !torrent::is_single_file(&old) {
-        return Ok(None);
-    }
     let mpath = dir.join(manifest::MANIFEST_FILE);
+    if !torrent::is_single_file(&old) {
+        return finish_upgrade(&old, &mpath);
+    }
     let m = manifest::Manifest::load(&mpath)?;
     let (new_m, built) =
         torrent::convert(&old, &m).with_context(|| format!("converting {}", tpath.display()))?;
-    // The torrent first: a crash between the two leaves a directory that
-    // does not load (info hashes differ) rather than a wrong one.
+    // The torrent first; a crash before the manifest is written is finished
+    // by the next call ([`finish_upgrade`]).
     crate::util::write_atomic(&tpath, &built.bytes)?;
     new_m.save(&mpath)?;
     Ok(Some((m.payload.info_hash, new_m.payload.info_hash)))
+}
+
+/// A conversion cut short after the new torrent was written: the torrent
+/// carries exactly this manifest (its piece hashes say so) but the manifest
+/// still names the old info hash. Writes the torrent's into it.
+fn finish_upgrade(torrent_bytes: &[u8], mpath: &Path) -> Result<Option<(String, String)>> {
+    let Ok(m) = manifest::Manifest::load(mpath) else {
+        return Ok(None);
+    };
+    let Ok(l) = torrent::layout(torrent_bytes) else {
+        return Ok(None);
+    };
+    let new = torrent::hex(&l.info_hash);
+    if m.payload.info_hash == new {
+        return Ok(None);
+    }
+    let mut fixed = m.clone();
+    fixed.payload.info_hash = new.clone();
+    if torrent::check(torrent_bytes, &fixed).is_err() {
+        return Ok(None);
+    }
+    fixed.save(mpath)?;
+    Ok(Some((m.payload.info_hash, new)))
 }
 
 /// A human-readable summary of an image.
@@ -143,4 +166,38 @@ pub fn describe(image: &Image, out: &mut dyn std::io::Write) -> Result<()> {
     )?;
     writeln!(out, "info hash   {}", p.info_hash)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_image_directory_is_converted_once_even_if_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _, pieces) = torrent::tests::sample(40000);
+        let old = torrent::tests::old_single_file(&mut m, &pieces);
+        let (mpath, tpath) = (
+            dir.path().join(manifest::MANIFEST_FILE),
+            dir.path().join(manifest::TORRENT_FILE),
+        );
+        m.save(&mpath).unwrap();
+        std::fs::write(&tpath, &old).unwrap();
+        let e = format!("{:#}", Image::open(dir.path()).unwrap_err());
+        assert!(e.contains("single-file"), "{e}");
+        let (was, now) = upgrade(dir.path()).unwrap().unwrap();
+        assert_eq!(was, m.payload.info_hash);
+        let img = Image::open(dir.path()).unwrap();
+        assert_eq!(img.manifest.payload.info_hash, now);
+        assert_eq!(img.payload_hashes().unwrap(), pieces);
+        assert!(upgrade(dir.path()).unwrap().is_none(), "converted twice");
+        // Cut short after the torrent was written: the next call finishes.
+        m.save(&mpath).unwrap();
+        assert!(Image::open(dir.path()).is_err());
+        assert_eq!(upgrade(dir.path()).unwrap(), Some((was, now.clone())));
+        assert_eq!(
+            Image::open(dir.path()).unwrap().manifest.payload.info_hash,
+            now
+        );
+    }
 }

@@ -493,7 +493,7 @@ pub fn hash_payload(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -507,7 +507,7 @@ mod tests {
 
     /// The sample manifest with a payload of `size` bytes in 16 KiB pieces,
     /// its payload and that payload's own piece hashes.
-    fn sample(size: u64) -> (Manifest, Vec<u8>, Vec<u8>) {
+    pub(crate) fn sample(size: u64) -> (Manifest, Vec<u8>, Vec<u8>) {
         let mut m = crate::image::manifest::tests::sample();
         m.payload.size = size;
         m.payload.piece_count = size.div_ceil(16384);
@@ -580,14 +580,14 @@ mod tests {
         assert!(check(&b.bytes, &big).is_err());
     }
 
-    #[test]
-    fn an_old_single_file_torrent_converts_with_its_pieces_kept() {
-        let (mut m, _, pieces) = sample(40000);
+    /// The single-file torrent of `m`'s payload, as made before issue 21;
+    /// sets `m`'s info hash to it.
+    pub(crate) fn old_single_file(m: &mut Manifest, pieces: &[u8]) -> Vec<u8> {
         let info = TorrentMetaV1Info::<ByteBufOwned> {
             name: Some(b"payload.bin".to_vec().into()),
-            pieces: pieces.clone().into(),
-            piece_length: 16384,
-            length: Some(40000),
+            pieces: pieces.to_vec().into(),
+            piece_length: m.payload.piece_length,
+            length: Some(m.payload.size),
             ..Default::default()
         };
         let mut info_bytes = Vec::new();
@@ -596,6 +596,13 @@ mod tests {
         let mut h = sha1w::Sha1::new();
         h.update(&info_bytes);
         m.payload.info_hash = hex(&h.finish());
+        old
+    }
+
+    #[test]
+    fn an_old_single_file_torrent_converts_with_its_pieces_kept() {
+        let (mut m, _, pieces) = sample(40000);
+        let old = old_single_file(&mut m, &pieces);
         assert!(is_single_file(&old));
         let e = layout(&old).unwrap_err().to_string();
         assert!(e.contains("single-file"), "{e}");

@@ -648,7 +648,10 @@ impl Torrent {
         let pre = s.storage.prefix_len();
         let pre_done = {
             let k = s.picker();
-            (0..(pre / plen) as usize).filter(|&i| k.have().get(i)).count() as u64 * plen
+            (0..(pre / plen) as usize)
+                .filter(|&i| k.have().get(i))
+                .count() as u64
+                * plen
         };
         Progress {
             done_bytes: s.done_bytes().saturating_sub(pre_done),
