@@ -38,8 +38,12 @@ pub struct AdminArgs {
 
 #[derive(Subcommand)]
 pub enum AdminCmd {
-    /// List the store's images and how they are served.
-    Images,
+    /// List the store's images and how they are served; `images add`
+    /// gives the server an image as its torrent alone.
+    Images {
+        #[command(subcommand)]
+        cmd: Option<ImagesCmd>,
+    },
     /// List every host the server knows, with its latest task.
     Hosts {
         /// Only the members of this group.
@@ -199,6 +203,48 @@ impl From<ExitArg> for ExitType {
     }
 }
 
+#[derive(Subcommand)]
+pub enum ImagesCmd {
+    /// Give the server an image as its .torrent (a file or an http(s) URL):
+    /// it pulls manifest and payload through the swarm from the peers the
+    /// torrent's tracker names (another blockswarm server's, say) and any
+    /// --peer, checks every piece and the manifest, then serves the image.
+    Add {
+        /// The .torrent: a file, or an http(s) URL the admin client fetches.
+        torrent: String,
+        /// A peer that holds the image (IP:PORT), besides the tracker's.
+        #[arg(long)]
+        peer: Vec<String>,
+    },
+}
+
+/// The torrent's bytes from a file or an http(s) URL, bounded.
+async fn read_torrent(http: &reqwest::Client, src: &str) -> Result<Vec<u8>> {
+    let max = crate::server::pull::MAX_TORRENT;
+    if src.starts_with("http://") || src.starts_with("https://") {
+        let mut r = http
+            .get(src)
+            .send()
+            .await
+            .with_context(|| format!("fetching {src}"))?
+            .error_for_status()
+            .with_context(|| format!("fetching {src}"))?;
+        let mut out = Vec::new();
+        while let Some(c) = r.chunk().await.with_context(|| format!("fetching {src}"))? {
+            out.extend_from_slice(&c);
+            if out.len() > max {
+                bail!("{src}: more than {max} bytes: not a torrent");
+            }
+        }
+        return Ok(out);
+    }
+    let md = std::fs::metadata(src).with_context(|| format!("reading {src}"))?;
+    if md.len() > max as u64 {
+        bail!("{src}: {} bytes: not a torrent", md.len());
+    }
+    std::fs::read(src).with_context(|| format!("reading {src}"))
+}
+
 /// The server could not be reached: `blockswarm admin` exits with
 /// [`Unreachable::EXIT_CODE`].
 #[derive(Debug, thiserror::Error)]
@@ -302,7 +348,20 @@ pub async fn run(a: AdminArgs) -> Result<()> {
     };
     use reqwest::Method;
     match a.cmd {
-        AdminCmd::Images => {
+        AdminCmd::Images {
+            cmd: Some(ImagesCmd::Add { torrent, peer }),
+        } => {
+            let bytes = read_torrent(&api.http, &torrent).await?;
+            let req = crate::protocol::admin::AddImageRequest {
+                torrent: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                peers: peer,
+            };
+            let v = api.send(Method::POST, "/api/v1/admin/images", &req).await?;
+            if !show(&v)? {
+                println!("{}", v["message"].as_str().unwrap_or(""));
+            }
+        }
+        AdminCmd::Images { cmd: None } => {
             let v = api.get("/api/v1/admin/images").await?;
             if !show(&v)? {
                 for i in v.as_array().into_iter().flatten() {

@@ -43,6 +43,17 @@ const NAMED_RANGES: usize = 4;
 #[derive(Clone)]
 pub struct DeviceStorage {
     inner: Arc<Inner>,
+    /// The torrent's bytes before the payload (see [`DeviceStorage::with_prefix`]).
+    prefix: Option<Arc<Prefix>>,
+}
+
+/// The image's manifest and its pad, the torrent's first pieces: in
+/// memory, never on the device.
+struct Prefix {
+    bytes: Mutex<Vec<u8>>,
+    /// Known from the image, so present from the start; otherwise filled
+    /// by the swarm (a server pulling an image from its torrent alone).
+    known: bool,
 }
 
 struct Inner {
@@ -122,6 +133,7 @@ impl DeviceStorage {
         };
         let head = writable.then(|| Mutex::new(vec![0u8; head_len as usize]));
         Self {
+            prefix: None,
             inner: Arc::new(Inner {
                 file,
                 map,
@@ -219,9 +231,15 @@ impl DeviceStorage {
         self.note_error(r)
     }
 
-    /// Reads payload bytes, from the held head or the device.
+    /// Reads payload bytes, from the held head or the device. With a
+    /// prefix, offsets are the torrent's: the prefix first.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let r = self.read_inner(offset, buf);
+        let (n, rest) = self.split_prefix(offset, buf.len());
+        self.prefix_io(offset, n, |p| buf[..n].copy_from_slice(p));
+        if n == buf.len() {
+            return Ok(());
+        }
+        let r = self.read_inner(rest, &mut buf[n..]);
         self.note_error(r)
     }
 
@@ -247,6 +265,12 @@ impl DeviceStorage {
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         if !self.inner.writable {
             bail!("the seed's source is read-only");
+        }
+        let (n, rest) = self.split_prefix(offset, buf.len());
+        self.prefix_io(offset, n, |p| p.copy_from_slice(&buf[..n]));
+        let (offset, buf) = (rest, &buf[n..]);
+        if buf.is_empty() {
+            return Ok(());
         }
         let r = self.io(offset, buf.len(), |dev_off, range, head| match head {
             Some(h) => {
@@ -278,6 +302,67 @@ impl DeviceStorage {
             .unwrap_or_else(|e| e.into_inner())
             .due();
         if due { self.flush() } else { Ok(()) }
+    }
+
+    /// The same storage behind the torrent's first bytes, `prefix` (the
+    /// manifest and its pad, whole pieces): they are read from and written
+    /// to memory, never the device. `known`: the prefix is the image's, so
+    /// its pieces are checked even on a fresh target (see
+    /// [`DeviceStorage::prefix_known`]).
+    pub fn with_prefix(&self, prefix: Vec<u8>, known: bool) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            prefix: Some(Arc::new(Prefix {
+                bytes: Mutex::new(prefix),
+                known,
+            })),
+        }
+    }
+
+    /// Bytes of the prefix (0 without one).
+    pub fn prefix_len(&self) -> u64 {
+        self.prefix.as_ref().map_or(0, |p| {
+            p.bytes.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+        })
+    }
+
+    /// Whether the prefix holds the image's bytes from the start.
+    pub fn prefix_known(&self) -> bool {
+        self.prefix.as_ref().is_some_and(|p| p.known)
+    }
+
+    /// The prefix's bytes as they are now.
+    pub fn prefix(&self) -> Option<Vec<u8>> {
+        let p = self.prefix.as_ref()?;
+        Some(p.bytes.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The torrent's length: prefix and payload.
+    pub fn torrent_len(&self) -> u64 {
+        self.prefix_len() + self.payload_len()
+    }
+
+    /// How many of `len` bytes at torrent offset `offset` lie in the prefix,
+    /// and the payload offset of the rest.
+    fn split_prefix(&self, offset: u64, len: usize) -> (usize, u64) {
+        let p = self.prefix_len();
+        if offset >= p {
+            (0, offset - p)
+        } else {
+            (((p - offset) as usize).min(len), 0)
+        }
+    }
+
+    /// Calls `f` on the prefix's `n` bytes at `offset` (see
+    /// [`DeviceStorage::split_prefix`]).
+    fn prefix_io(&self, offset: u64, n: usize, f: impl FnOnce(&mut [u8])) {
+        if n == 0 {
+            return;
+        }
+        if let Some(p) = &self.prefix {
+            let mut b = p.bytes.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut b[offset as usize..offset as usize + n]);
+        }
     }
 
     /// Walks the device segments of a payload range, splitting off the part
@@ -369,6 +454,36 @@ mod tests {
         assert!(!u.due());
         u.add(100 << 20, FLUSH_BYTES);
         assert!(u.due());
+    }
+
+    #[test]
+    fn the_prefix_lives_in_memory_and_shifts_the_payload() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let s = DeviceStorage::writer(
+            Arc::new(f.try_clone().unwrap()),
+            PayloadMap::identity(4096),
+            true,
+        );
+        let t = s.with_prefix(vec![9u8; 100], true);
+        assert!(t.prefix_known() && !s.prefix_known());
+        assert_eq!((t.prefix_len(), t.torrent_len()), (100, 4196));
+        // A write across the boundary: 50 bytes to memory, the rest to the
+        // payload's offset 0 (the held head here).
+        t.write(50, &[1u8; 150]).unwrap();
+        assert_eq!(t.written(), 100, "only payload bytes count");
+        let mut back = [0u8; 200];
+        t.read(0, &mut back).unwrap();
+        assert_eq!(&back[..50], &[9u8; 50]);
+        assert_eq!(&back[50..200], &[1u8; 150]);
+        let mut payload = [0u8; 100];
+        s.read(0, &mut payload).unwrap();
+        assert_eq!(payload, [1u8; 100], "the payload at its own offsets");
+        assert_eq!(&t.prefix().unwrap()[50..], &[1u8; 50]);
+        // Nothing of the prefix reached the device.
+        let head = s.take_head().unwrap();
+        assert_eq!(&head[..100], &[1u8; 100]);
+        assert_eq!(&head[100..200], &[0u8; 100]);
     }
 
     #[test]

@@ -4,7 +4,9 @@ mod common;
 
 use std::process::Command;
 
-use blockswarm::image::Image;
+use std::path::Path;
+
+use blockswarm::image::{Image, torrent};
 use common::*;
 
 #[test]
@@ -21,7 +23,9 @@ fn stock_clients_accept_the_torrent_and_its_piece_hashes() {
         "--piece-length",
         "65536",
     ]);
-    let m = Image::open(&image).unwrap().manifest;
+    let img = Image::open(&image).unwrap();
+    let m = img.manifest.clone();
+    let layout = torrent::layout(&img.torrent).unwrap();
     let torrent = image.join("image.torrent");
 
     let show = sh(Command::new("transmission-show").arg(&torrent));
@@ -30,14 +34,31 @@ fn stock_clients_accept_the_torrent_and_its_piece_hashes() {
         show.contains(&format!("Hash: {}", m.payload.info_hash)),
         "{show}"
     );
-    assert!(show.contains("payload.bin"), "{show}");
+    assert!(show.contains(&format!("{}/payload.bin", m.name)), "{show}");
+    assert!(show.contains(&format!("{}/image.json", m.name)), "{show}");
     assert!(
-        show.contains(&format!("Piece Count: {}", m.payload.piece_count)),
+        show.contains(&format!(
+            "Piece Count: {}",
+            layout.prefix_pieces() + m.payload.piece_count
+        )),
         "{show}"
     );
     assert!(show.contains("Piece Size: 64.00 KiB"), "{show}");
 
-    // aria2c hashes the store file itself: every piece must match.
+    // The files as a stock client lays them out: aria2c hashes them itself,
+    // the manifest's pieces and the payload's: every piece must match.
+    let stock = |dir: &Path| {
+        let d = dir.join(&m.name);
+        std::fs::create_dir_all(d.join(".pad")).unwrap();
+        std::fs::copy(image.join("payload.bin"), d.join("payload.bin")).unwrap();
+        let json = torrent::embedded_manifest(&m).unwrap();
+        std::fs::write(d.join("image.json"), &json).unwrap();
+        // aria2c knows no BEP 47 pad files: it wants the zeros on disk.
+        let pad = layout.prefix_len - json.len() as u64;
+        std::fs::write(d.join(format!(".pad/{pad}")), vec![0u8; pad as usize]).unwrap();
+    };
+    let good = t.path().join("good");
+    stock(&good);
     let out = sh(Command::new("aria2c")
         .args([
             "--check-integrity=true",
@@ -49,44 +70,46 @@ fn stock_clients_accept_the_torrent_and_its_piece_hashes() {
             "--summary-interval=0",
             "-d",
         ])
-        .arg(&image)
+        .arg(&good)
         .arg(&torrent));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("|OK  |"),
-        "aria2c did not find the payload complete:\n{text}"
+        "aria2c did not find the image complete:\n{text}"
     );
 
-    // A flipped byte in the store makes aria2c see a piece missing.
-    let copy = t.path().join("copy");
-    std::fs::create_dir(&copy).unwrap();
-    std::fs::copy(image.join("payload.bin"), copy.join("payload.bin")).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(copy.join("payload.bin"))
-        .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"\xff\x00\xff", 70_000).unwrap();
-    let out = Command::new("aria2c")
-        .args([
-            "--check-integrity=true",
-            "--seed-time=0",
-            "--enable-dht=false",
-            "--bt-enable-lpd=false",
-            "--enable-peer-exchange=false",
-            "--bt-stop-timeout=3",
-            "--console-log-level=warn",
-            "--summary-interval=0",
-            "-d",
-        ])
-        .arg(&copy)
-        .arg(&torrent)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !text.contains("|OK  |"),
-        "aria2c accepted a corrupt payload:\n{text}"
-    );
+    // A flipped byte in the payload, or in the manifest, makes aria2c see
+    // a piece missing.
+    for (file, at) in [("payload.bin", 70_000), ("image.json", 20)] {
+        let copy = t.path().join(format!("bad-{file}"));
+        stock(&copy);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(copy.join(&m.name).join(file))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"\xff", at).unwrap();
+        let out = Command::new("aria2c")
+            .args([
+                "--check-integrity=true",
+                "--seed-time=0",
+                "--enable-dht=false",
+                "--bt-enable-lpd=false",
+                "--enable-peer-exchange=false",
+                "--bt-stop-timeout=3",
+                "--console-log-level=warn",
+                "--summary-interval=0",
+                "-d",
+            ])
+            .arg(&copy)
+            .arg(&torrent)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("|OK  |"),
+            "aria2c accepted a corrupt {file}:\n{text}"
+        );
+    }
 }
 
 /// aria2c flags that keep it on loopback: no DHT, no LPD, no PEX.
@@ -140,10 +163,18 @@ fn aria2c_downloads_from_our_seed_through_our_tracker() {
         "aria2c failed: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // The torrent alone carried the whole image: manifest and payload.
+    let stored = t.path().join("images/lab");
     assert_eq!(
-        sha256(&out_dir.join("payload.bin")),
-        sha256(&t.path().join("images/lab/payload.bin"))
+        sha256(&out_dir.join("lab/payload.bin")),
+        sha256(&stored.join("payload.bin"))
     );
+    let m = Image::open(&stored).unwrap().manifest;
+    let json = std::fs::read(out_dir.join("lab/image.json")).unwrap();
+    assert_eq!(json, torrent::embedded_manifest(&m).unwrap());
+    let back = blockswarm::image::manifest::Manifest::parse(&json).unwrap();
+    assert_eq!(back.regions.len(), m.regions.len());
+    assert_eq!(back.disk.size, m.disk.size);
 }
 
 /// Our agent fills a target from a swarm whose only seed is a stock client.
@@ -184,7 +215,8 @@ fn agent_completes_from_an_aria2c_seed() {
                 &format!("--listen-port={}", free_port()),
                 "-d",
             ])
-            .arg(dir.join("images/lab"))
+            // The torrent is the folder lab/: payload.bin is found there.
+            .arg(dir.join("images"))
             .args(ARIA2_LOCAL)
             .arg(&torrent)
             .stdout(std::process::Stdio::null())
@@ -210,7 +242,7 @@ fn agent_completes_from_a_transmission_seed() {
             .args(["-g"])
             .arg(&conf)
             .args(["-M", "-p", &free_port().to_string(), "-w"])
-            .arg(dir.join("images/lab"))
+            .arg(dir.join("images"))
             .arg(&torrent)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -91,7 +91,14 @@ fn a_lying_peer_is_dropped_and_nothing_it_sent_is_written() {
         .collect::<Vec<_>>()
         .try_into()
         .unwrap();
-    let (liar_addr, served) = liar(info_hash, m.payload.piece_count as usize);
+    // The torrent's pieces: the manifest's, then the payload's.
+    let torrent = std::fs::read(image.join("image.torrent")).unwrap();
+    let pieces = blockswarm::image::torrent::layout(&torrent)
+        .unwrap()
+        .pieces
+        .len()
+        / 20;
+    let (liar_addr, served) = liar(info_hash, pieces);
     let tgt = t.join("tgt.img");
     blank_target(&tgt, size, true);
     let (_seed, seed_addr) = seed(&image, None);
@@ -215,6 +222,10 @@ async fn the_server_seed_serves_a_few_whole_pieces_at_a_time() {
 
     let addr = session.listen_addr();
     let info_hash = info_hash_of(&image);
+    // The payload's pieces come after the manifest's.
+    let base = blockswarm::image::torrent::layout(&image.torrent)
+        .unwrap()
+        .prefix_pieces() as u32;
     let start = Arc::new(Barrier::new(peers as usize));
     let total = Arc::new(AtomicU64::new(0));
     let results = Arc::new(Mutex::new(Vec::new()));
@@ -222,7 +233,7 @@ async fn the_server_seed_serves_a_few_whole_pieces_at_a_time() {
         .map(|i| {
             let (start, total, results) = (start.clone(), total.clone(), results.clone());
             std::thread::spawn(move || {
-                let r = fetch_piece(addr, info_hash, i, plen, &start, &total).unwrap();
+                let r = fetch_piece(addr, info_hash, i + base, plen, &start, &total).unwrap();
                 results.lock().unwrap().push((i, r.0, r.1));
             })
         })

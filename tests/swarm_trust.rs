@@ -293,15 +293,17 @@ async fn a_payload_changed_under_its_seed_fails_the_seed_and_is_never_served() {
         "the seed still serves a changed payload"
     );
     let e = format!("{:#}", st.check_error().unwrap_err());
+    // The torrent's piece: the payload's, after the manifest's.
     assert!(
-        e.contains(&format!("piece {bad} ")) && e.contains("changed since capture"),
+        e.contains(&format!("piece {} ", bad + fx.base)) && e.contains("changed since capture"),
         "{e}"
     );
     // The receiver wrote the good pieces it got, and nothing of piece 3.
-    let mut buf = vec![0u8; fx.payload.len()];
+    let mut buf = vec![0u8; fx.payload_len as usize];
     rst.read(0, &mut buf).unwrap();
-    for i in 0..fx.pieces {
-        let off = (i * fx.plen) as usize;
+    let bad = bad + fx.base;
+    for i in fx.base..fx.pieces {
+        let off = ((i - fx.base) * fx.plen) as usize;
         let got = &buf[off..off + fx.piece(i).len()];
         assert!(
             got == fx.piece(i) || got.iter().all(|&b| b == 0),
@@ -351,7 +353,7 @@ fn the_seed_command_stops_with_the_reason_when_its_source_changes() {
     let mut s = dial_from(2, addr, None);
     handshake(&mut s, fx.info_hash, &peer_id(b"-XX0000-")).unwrap();
     let mut out = msg(2, &[]);
-    out.extend_from_slice(&requests(&fx, bad));
+    out.extend_from_slice(&requests(&fx, bad + fx.base));
     s.write_all(&out).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     while let Ok(m) = read_msg(&mut s) {
@@ -371,8 +373,11 @@ fn the_seed_command_stops_with_the_reason_when_its_source_changes() {
     };
     assert!(!status.success());
     let log = read_log();
+    // The torrent's piece (after the manifest's), named by payload bytes.
+    let at = u64::from(bad * fx.plen);
     assert!(
-        log.contains(&format!("piece {bad} ")) && log.contains("changed since capture"),
+        log.contains(&format!("piece {} (payload bytes {at}..", bad + fx.base))
+            && log.contains("changed since capture"),
         "{log}"
     );
 }

@@ -63,11 +63,7 @@ pub(super) async fn run(
         manifest.payload.piece_count,
         manifest.payload.info_hash
     );
-    let image = Image {
-        dir: path.clone(),
-        manifest,
-        torrent,
-    };
+    let image = Image::new(path.clone(), manifest, torrent)?;
     // Seeding before the upload: the server dials this PC as soon as it
     // has the torrent. The seed checks every piece against the disk first.
     let cfg = SwarmConfig {

@@ -1,7 +1,6 @@
 //! Checking a disk against an image: every piece read back and hashed.
 
 use anyhow::{Result, bail};
-use librqbit_core::torrent_metainfo::torrent_from_bytes;
 
 use crate::image::Image;
 use crate::image::table::TableKind;
@@ -13,8 +12,8 @@ use sha1w::ISha1;
 pub fn bad_pieces(image: &Image, read: PayloadReader) -> Result<Vec<usize>> {
     let m = &image.manifest;
     let got = hash_payload(read, m.payload.size, m.payload.piece_length, None, &|_| {})?;
-    let t = torrent_from_bytes(&image.torrent).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let want = t.info.data.pieces.as_ref();
+    let want = image.payload_hashes()?;
+    let want = want.as_slice();
     Ok((0..m.payload.piece_count as usize)
         .filter(|&i| got[i * 20..i * 20 + 20] != want[i * 20..i * 20 + 20])
         .collect())
@@ -31,8 +30,8 @@ pub fn bad_pieces_among(
     if pieces.len() as u64 == m.payload.piece_count {
         return bad_pieces(image, read);
     }
-    let t = torrent_from_bytes(&image.torrent).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let want = t.info.data.pieces.as_ref();
+    let want = image.payload_hashes()?;
+    let want = want.as_slice();
     let plen = u64::from(m.payload.piece_length);
     let mut buf = vec![0u8; m.payload.piece_length as usize];
     let mut bad = Vec::new();

@@ -238,14 +238,7 @@ pub fn map_and_hash(
         progress.update(n)
     })
     .with_context(|| format!("reading the used blocks of {}", dev.path.display()))?;
-    let built = torrent::build(
-        PAYLOAD_FILE,
-        map.len(),
-        piece_length,
-        pieces,
-        &opts.trackers,
-    )?;
-    let m = Manifest {
+    let mut m = Manifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
         created_by: concat!("blockswarm ", env!("CARGO_PKG_VERSION")).into(),
@@ -262,11 +255,13 @@ pub fn map_and_hash(
             size: map.len(),
             piece_length,
             piece_count: map.len().div_ceil(u64::from(piece_length)),
-            info_hash: torrent::hex(&built.info_hash),
+            info_hash: String::new(),
             file: PAYLOAD_FILE.into(),
             stored: store.is_some(),
         },
     };
+    let built = torrent::build(&m, pieces, &opts.trackers)?;
+    m.payload.info_hash = torrent::hex(&built.info_hash);
     m.validate()
         .context("the new manifest is inconsistent (a bug)")?;
     Ok((m, built.bytes))

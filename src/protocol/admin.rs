@@ -369,6 +369,26 @@ pub struct CaptureRequest {
     pub replace: bool,
 }
 
+/// `admin images add`: an image given only as its torrent, which the
+/// server pulls through the swarm from `peers` and the peers its trackers
+/// name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddImageRequest {
+    /// The torrent's bytes, in hex.
+    pub torrent: String,
+    /// Peers that hold the image ("IP:PORT"), besides the trackers'.
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+impl AddImageRequest {
+    /// Largest body taken: a 4 MiB torrent in hex, and some peers.
+    pub const MAX_BODY: usize = 2 * crate::server::pull::MAX_TORRENT + 64 * 1024;
+    /// Peers named at most.
+    pub const MAX_PEERS: usize = 16;
+}
+
 fn yes() -> bool {
     true
 }

@@ -9,27 +9,21 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tracing::{info, warn};
 
 use super::state::ServerState;
+use crate::image::Image;
 use crate::image::capture::PAYLOAD_FILE;
-use crate::image::map::PayloadMap;
-use crate::image::{Image, manifest};
 use crate::protocol::admin::{CaptureRequest, StartResponse};
 use crate::protocol::{CaptureSpec, CaptureTicket, CaptureUpload, Job};
-use crate::storage::DeviceStorage;
-use crate::swarm::{Swarm, SwarmConfig};
+use crate::swarm::SwarmConfig;
 
 /// Longest image name taken.
 pub const MAX_NAME: usize = 64;
-/// A pull that gets no new byte for this long fails.
-const STALL: Duration = Duration::from_secs(120);
 
 /// A capture task, by deployment and MAC.
 type Key = (u64, String);
@@ -346,7 +340,8 @@ impl ServerState {
     }
 
     /// Downloads the payload from the master into a hidden directory of the
-    /// store, then renames it into place. Returns the image name.
+    /// store, then renames it into place (see [`super::pull`]). Returns the
+    /// image name.
     async fn pull(
         &self,
         key: &Key,
@@ -354,114 +349,25 @@ impl ServerState {
         master: SocketAddr,
         replace: bool,
     ) -> Result<String> {
-        let name = image.manifest.name.clone();
-        let store = &self.config.images;
-        let tmp = store.join(format!(".capture-{name}.partial"));
-        let r = self.pull_into(&tmp, key, &image, master).await;
-        let r = r.and_then(|()| place(store, &tmp, &name, replace));
-        if r.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        r.map(|()| name)
-    }
-
-    async fn pull_into(
-        &self,
-        tmp: &Path,
-        key: &Key,
-        image: &Image,
-        master: SocketAddr,
-    ) -> Result<()> {
-        let _ = std::fs::remove_dir_all(tmp);
-        std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let size = image.manifest.payload.size;
-        let path = tmp.join(PAYLOAD_FILE);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        file.set_len(size)?;
-        let file = Arc::new(file);
-        let storage = DeviceStorage::writer(file.clone(), PayloadMap::identity(size), true);
-        let cfg = SwarmConfig {
-            peers: vec![master],
-            origin: Some(master),
-            disable_trackers: true,
-            ..Default::default()
+        let p = super::pull::Pull {
+            torrent: &image.torrent,
+            known: Some(&image),
+            swarm: SwarmConfig {
+                peers: vec![master],
+                origin: Some(master),
+                disable_trackers: true,
+                ..Default::default()
+            },
+            replace,
         };
-        let swarm = Swarm::join(image, &storage, &cfg).await?;
-        let r = self.wait_pulled(key, &swarm).await;
-        swarm.stop().await;
-        r?;
-        // The held head (the payload's first MiB), then every byte to disk.
-        let head = storage.take_head().unwrap_or_default();
-        file.write_all_at(&head, 0)?;
-        storage.flush()?;
-        file.sync_all()?;
-        let mut m = image.manifest.clone();
-        m.payload.stored = true;
-        crate::util::write_atomic(&tmp.join(manifest::TORRENT_FILE), &image.torrent)?;
-        m.save(&tmp.join(manifest::MANIFEST_FILE))?;
-        Ok(())
+        let stopped = || match self.rooms.standing(key.0, &key.1)? {
+            Some(o) if !o.stopped => Ok(()),
+            _ => bail!("the capture was stopped by the admin"),
+        };
+        super::pull::pull(&self.config.images, p, stopped)
+            .await
+            .map(|img| img.manifest.name)
     }
-
-    async fn wait_pulled(&self, key: &Key, swarm: &Swarm) -> Result<()> {
-        let done = swarm.torrent.wait_completed();
-        tokio::pin!(done);
-        let (mut last, mut moved) = (0, Instant::now());
-        loop {
-            tokio::select! {
-                r = &mut done => return r,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    swarm.torrent.check_error()?;
-                    if self.rooms.standing(key.0, &key.1)?.is_none_or(|o| o.stopped) {
-                        bail!("the capture was stopped by the admin");
-                    }
-                    let got = swarm.torrent.progress().done_bytes;
-                    if got > last {
-                        (last, moved) = (got, Instant::now());
-                    } else if moved.elapsed() > STALL {
-                        bail!("no piece came from the master for {} s", STALL.as_secs());
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Removes what captures cut short by a server restart left in the store
-/// (hidden directories, never loaded as images).
-pub fn clean_store(store: &Path) {
-    let Ok(rd) = std::fs::read_dir(store) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".capture-") && e.path().is_dir() {
-            info!("removing {name}: an interrupted capture");
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// Renames the pulled directory into the store under `name`; a stored
-/// image of that name is replaced only when the admin said so.
-fn place(store: &Path, tmp: &Path, name: &str, replace: bool) -> Result<()> {
-    let dest = store.join(name);
-    if dest.exists() {
-        if !replace {
-            bail!("image {name:?} appeared in the store meanwhile: not replaced");
-        }
-        let old = store.join(format!(".capture-{name}.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&dest, &old).with_context(|| format!("moving {} aside", dest.display()))?;
-        std::fs::rename(tmp, &dest)?;
-        let _ = std::fs::remove_dir_all(&old);
-        return Ok(());
-    }
-    std::fs::rename(tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))
 }
 
 #[derive(Debug)]

@@ -19,6 +19,7 @@ pub mod db;
 pub mod grub;
 pub mod http;
 pub mod metrics;
+pub mod pull;
 pub mod rooms;
 pub mod schedule;
 pub mod seed;
@@ -58,7 +59,7 @@ pub async fn serve(
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
-    capture::clean_store(&cfg.images);
+    pull::clean_store(&cfg.images);
     // Resolved once: the admin API reads `config.admin_token` alone.
     let admin = admin_token::resolve(&cfg)?;
     info!("{}", admin.origin);
@@ -142,7 +143,9 @@ async fn schedule_loop(state: Arc<ServerState>) {
 /// and forgets hosts long gone.
 async fn scan_loop(state: Arc<ServerState>) {
     let mut log = BTreeMap::new();
+    let mut dropped = std::collections::BTreeSet::new();
     loop {
+        state.pull_dropped(&mut dropped).await;
         store::sync(
             &state.config,
             &state.seeds,

@@ -56,6 +56,8 @@ pub struct ServerState {
     pub sessions: Sessions,
     /// Capture tasks' tokens and pulls, and images served from a master.
     pub captures: super::capture::Captures,
+    /// Images being pulled from their torrent alone.
+    pub pulls: super::pull::Pulls,
     /// The last report of each host with a task, by MAC: rates and peers,
     /// which the database does not keep.
     live: Mutex<HashMap<String, Live>>,
@@ -148,6 +150,7 @@ impl ServerState {
             rooms,
             sessions: Sessions::default(),
             captures: Default::default(),
+            pulls: Default::default(),
             live: Mutex::default(),
             joins: Mutex::default(),
         }

@@ -144,19 +144,35 @@ pub fn scan(dir: &Path) -> Result<BTreeMap<String, Result<Found>>> {
         if !path.is_dir() || name.starts_with('.') {
             continue;
         }
-        let found = Image::open(&path).map(|image| {
-            let payload = image
-                .manifest
-                .payload
-                .stored
-                .then(|| std::fs::metadata(image.store_path()).ok())
-                .flatten()
-                .map(|md| FileStamp::of(&md));
-            Found { image, payload }
-        });
+        let found = upgrade(&name, &path)
+            .and_then(|()| Image::open(&path))
+            .map(|image| {
+                let payload = image
+                    .manifest
+                    .payload
+                    .stored
+                    .then(|| std::fs::metadata(image.store_path()).ok())
+                    .flatten()
+                    .map(|md| FileStamp::of(&md));
+                Found { image, payload }
+            });
         out.insert(name, found);
     }
     Ok(out)
+}
+
+/// Converts an image directory with a single-file torrent (made before
+/// the manifest travelled in the torrent) once, saying so; a directory that
+/// cannot be converted is not loaded, and says why.
+fn upgrade(name: &str, dir: &Path) -> Result<()> {
+    let r = crate::image::upgrade(dir).context("its single-file torrent cannot be converted")?;
+    if let Some((old, new)) = r {
+        info!(
+            "image {name}: its single-file torrent was converted to the self-contained layout \
+             (manifest inside; payload pieces unchanged): info hash {old} is now {new}"
+        );
+    }
+    Ok(())
 }
 
 /// What the scan makes of a loaded image.
@@ -248,10 +264,12 @@ pub async fn sync(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let f = Image::open(&d.dir).map(|image| Found {
-            image,
-            payload: None,
-        });
+        let f = upgrade(&name, &d.dir)
+            .and_then(|()| Image::open(&d.dir))
+            .map(|image| Found {
+                image,
+                payload: None,
+            });
         found.insert(name.clone(), f);
         devices.insert(name, d.from.clone());
     }

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use librqbit_core::torrent_metainfo::torrent_from_bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -98,31 +97,41 @@ impl SwarmSession {
     }
 
     /// Adds an image. A storage that is not fresh is checked piece by piece
-    /// first (see [`Torrent::wait_initialized`]).
+    /// first (see [`Torrent::wait_initialized`]). The manifest's pieces come
+    /// from the image, in memory.
     pub async fn add(
         &self,
         image: &Image,
         storage: &DeviceStorage,
         cfg: &SwarmConfig,
     ) -> Result<Torrent> {
-        let meta = torrent_from_bytes(&image.torrent)
-            .map_err(|e| anyhow::anyhow!("the image's torrent: {e}"))?;
-        let info_hash = meta.info_hash.0;
-        let piece_len = u64::from(meta.info.data.piece_length);
-        let total = meta
-            .info
-            .data
-            .length
-            .context("the image's torrent is not a single-file torrent")?;
-        if total != storage.payload_len() {
+        let storage = storage.with_prefix(image.prefix.to_vec(), true);
+        self.add_torrent(&image.torrent, &storage, cfg).await
+    }
+
+    /// Adds an image's torrent (see [`crate::image::torrent::layout`]) over a
+    /// storage that holds its prefix (the manifest's pieces) in memory.
+    pub async fn add_torrent(
+        &self,
+        torrent: &[u8],
+        storage: &DeviceStorage,
+        cfg: &SwarmConfig,
+    ) -> Result<Torrent> {
+        let layout = crate::image::torrent::layout(torrent).context("the image's torrent")?;
+        let info_hash = layout.info_hash;
+        let piece_len = u64::from(layout.piece_length);
+        let total = layout.total();
+        if total != storage.torrent_len() || layout.prefix_len != storage.prefix_len() {
             bail!(
-                "the torrent's payload is {total} bytes, the image's {}",
-                storage.payload_len()
+                "the torrent holds {total} bytes ({} before the payload), the storage {} ({})",
+                layout.prefix_len,
+                storage.torrent_len(),
+                storage.prefix_len()
             );
         }
         let lengths = Lengths::new(total, piece_len)
             .with_context(|| format!("the image's torrent has pieces of {piece_len} bytes"))?;
-        let hashes = meta.info.data.pieces.as_ref();
+        let hashes = layout.pieces.as_slice();
         let n = lengths.count();
         if hashes.len() != n * 20 {
             bail!(
@@ -135,20 +144,7 @@ impl SwarmSession {
         } else if !cfg.trackers.is_empty() {
             cfg.trackers.clone()
         } else {
-            let mut t: Vec<String> = meta
-                .announce
-                .iter()
-                .map(|a| String::from_utf8_lossy(a.as_ref()).into_owned())
-                .collect();
-            for tier in meta.announce_list.iter() {
-                for a in tier {
-                    let a = String::from_utf8_lossy(a.as_ref()).into_owned();
-                    if !t.contains(&a) {
-                        t.push(a);
-                    }
-                }
-            }
-            t
+            layout.trackers.clone()
         };
         // The same payload under two names is one torrent.
         if let Some((t, refs)) = self.inner.lock().get_mut(&info_hash) {

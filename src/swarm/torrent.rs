@@ -464,7 +464,12 @@ impl Shared {
             self.verified.insert(p, d.clone());
             return Ok(Some(d));
         }
-        let end = off + buf.len() as u64;
+        // Named by payload offsets: the manifest's pieces come first.
+        let pre = self.storage.prefix_len();
+        let (off, end) = (
+            off.saturating_sub(pre),
+            (off + buf.len() as u64).saturating_sub(pre),
+        );
         if !self.storage.is_writable() {
             let e = format!(
                 "piece {p} (payload bytes {off}..{end}) no longer matches its hash: \
@@ -513,16 +518,27 @@ impl Shared {
         n
     }
 
-    /// Hashes what the storage already holds, unless it is fresh.
+    /// Hashes what the storage already holds: all of it, or only the
+    /// manifest's pieces of a fresh one.
     pub(super) async fn initial_check(self: &Arc<Self>) -> Result<()> {
         let n = self.lengths.count();
-        if !self.storage.is_fresh() {
+        let fresh = self.storage.is_fresh();
+        // A fresh target holds nothing yet, but the manifest's pieces are in
+        // memory when the image is known: they are checked (a few pieces).
+        let check_len = if !fresh {
+            self.lengths.total()
+        } else if self.storage.prefix_known() {
+            self.storage.prefix_len()
+        } else {
+            0
+        };
+        if check_len > 0 {
             let t = self.clone();
             let good = tokio::task::spawn_blocking(move || -> Result<Bits> {
                 let read = |off: u64, buf: &mut [u8]| t.storage.read(off, buf);
                 let got = crate::image::torrent::hash_payload(
                     &read,
-                    t.lengths.total(),
+                    check_len,
                     t.lengths.piece_len(),
                     None,
                     &|_| {},
@@ -624,12 +640,22 @@ impl Torrent {
         *self.shared.state.borrow() == State::Live
     }
 
+    /// Of the payload: the manifest's pieces (held in memory) do not count.
     pub fn progress(&self) -> Progress {
         let s = &self.shared;
         let (down, up) = *lock(&s.rates);
+        let plen = u64::from(s.lengths.piece_len());
+        let pre = s.storage.prefix_len();
+        let pre_done = {
+            let k = s.picker();
+            (0..(pre / plen) as usize)
+                .filter(|&i| k.have().get(i))
+                .count() as u64
+                * plen
+        };
         Progress {
-            done_bytes: s.done_bytes(),
-            total_bytes: s.lengths.total(),
+            done_bytes: s.done_bytes().saturating_sub(pre_done),
+            total_bytes: s.lengths.total() - pre,
             uploaded_bytes: s.uploaded(),
             down_bps: down,
             up_bps: up,
@@ -637,6 +663,12 @@ impl Torrent {
             finished: *s.done.borrow(),
             origin_bytes: s.from_origin.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether the first `n` pieces are verified (an image's manifest).
+    pub fn has_first(&self, n: usize) -> bool {
+        let k = self.shared.picker();
+        (0..n).all(|i| k.have().get(i))
     }
 
     /// Fails if the torrent stopped with an error.

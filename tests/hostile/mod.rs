@@ -25,9 +25,15 @@ pub struct Fixture {
     _tmp: tempfile::TempDir,
     pub dir: PathBuf,
     pub image: Image,
+    /// The torrent's bytes: the manifest's pieces, then payload.bin's.
     pub payload: Vec<u8>,
     pub plen: u32,
+    /// The torrent's pieces.
     pub pieces: u32,
+    /// The first payload piece (after the manifest's).
+    pub base: u32,
+    /// payload.bin's length.
+    pub payload_len: u64,
     pub info_hash: [u8; 20],
 }
 
@@ -35,8 +41,13 @@ pub fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let (_disk, _size, dir) = captured(tmp.path(), "bare", 48);
     let image = Image::open(&dir).unwrap();
-    let payload = std::fs::read(dir.join("payload.bin")).unwrap();
+    let file = std::fs::read(dir.join("payload.bin")).unwrap();
     let plen = image.manifest.payload.piece_length;
+    // The torrent's bytes: the manifest's pieces (in memory), then the payload.
+    let mut payload = image.prefix.to_vec();
+    let base = (payload.len() / plen as usize) as u32;
+    let payload_len = file.len() as u64;
+    payload.extend_from_slice(&file);
     let pieces = payload.len().div_ceil(plen as usize) as u32;
     let hex = &image.manifest.payload.info_hash;
     let info_hash = (0..20)
@@ -51,6 +62,8 @@ pub fn fixture() -> Fixture {
         payload,
         plen,
         pieces,
+        base,
+        payload_len,
         info_hash,
     }
 }
@@ -64,7 +77,7 @@ impl Fixture {
     pub fn reader(&self, path: &Path) -> DeviceStorage {
         DeviceStorage::reader(
             Arc::new(std::fs::File::open(path).unwrap()),
-            PayloadMap::identity(self.payload.len() as u64),
+            PayloadMap::identity(self.payload_len),
         )
     }
 
@@ -111,12 +124,8 @@ impl Fixture {
             .write(true)
             .open(path)
             .unwrap();
-        f.set_len(self.payload.len() as u64).unwrap();
-        let st = DeviceStorage::writer(
-            Arc::new(f),
-            PayloadMap::identity(self.payload.len() as u64),
-            true,
-        );
+        f.set_len(self.payload_len).unwrap();
+        let st = DeviceStorage::writer(Arc::new(f), PayloadMap::identity(self.payload_len), true);
         let s = SwarmSession::start(
             Some("127.0.0.1:0".parse().unwrap()),
             Limits::default(),
@@ -134,10 +143,10 @@ impl Fixture {
 
     /// Every piece the storage holds is the payload's.
     pub fn assert_holds_payload(&self, st: &DeviceStorage) {
-        let mut buf = vec![0u8; self.payload.len()];
+        let mut buf = vec![0u8; self.payload_len as usize];
         st.read(0, &mut buf).unwrap();
-        for i in 0..self.pieces {
-            let off = (i * self.plen) as usize;
+        for i in self.base..self.pieces {
+            let off = ((i - self.base) * self.plen) as usize;
             assert!(
                 buf[off..off + self.piece(i).len()] == *self.piece(i),
                 "piece {i} differs from the payload"

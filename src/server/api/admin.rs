@@ -89,6 +89,37 @@ pub async fn capture(
     answer(s.start_capture(&mac, &req).await)
 }
 
+/// Pulls an image given only as its torrent (202: the pull runs on).
+pub async fn add_image(
+    _: Admin,
+    State(s): State<AppState>,
+    Json(req): Json<crate::protocol::admin::AddImageRequest>,
+) -> Response {
+    let r = async {
+        let torrent = super::super::token::unhex(&req.torrent)
+            .filter(|_| req.torrent.len().is_multiple_of(2))
+            .ok_or_else(|| anyhow::anyhow!("the torrent is not hex"))?;
+        if req.peers.len() > crate::protocol::admin::AddImageRequest::MAX_PEERS {
+            anyhow::bail!("{} peers named (at most 16)", req.peers.len());
+        }
+        let peers = req
+            .peers
+            .iter()
+            .map(|p| {
+                p.parse::<std::net::SocketAddr>()
+                    .map_err(|_| anyhow::anyhow!("peer {p:?} is not IP:PORT"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let name = s.start_pull(torrent, peers, None).await?;
+        Ok(serde_json::json!({ "image": name, "message": format!("the server pulls image {name} through the swarm") }))
+    }
+    .await;
+    match r {
+        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct LogQuery {
     deployment: Option<u64>,

@@ -38,7 +38,14 @@ pub fn router(state: AppState) -> Router {
             )),
         )
         .route("/api/v1/deployment", get(agent::deployment))
-        .route("/api/v1/admin/images", get(admin::images))
+        .route(
+            "/api/v1/admin/images",
+            get(admin::images)
+                .post(admin::add_image)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::protocol::admin::AddImageRequest::MAX_BODY,
+                )),
+        )
         .route("/api/v1/admin/hosts", get(admin::hosts))
         .route("/api/v1/admin/hosts/{mac}", put(admin::update_host))
         .route("/api/v1/admin/hosts/{mac}/job", put(admin::set_job))
