@@ -173,6 +173,22 @@ impl Tracker {
         c
     }
 
+    /// The rooms the server's seed feeds: those of the hosts heard from
+    /// lately in the swarms it serves (one with locality off).
+    pub fn rooms(&self) -> usize {
+        let expiry = self.interval * 3;
+        let now = Instant::now();
+        let g = self.lock();
+        let rooms: HashSet<&Room> = g
+            .values()
+            .filter(|s| s.seeded)
+            .flat_map(|s| s.hosts.values())
+            .filter(|p| now.duration_since(p.seen) < expiry)
+            .map(|p| &p.room)
+            .collect();
+        rooms.len()
+    }
+
     /// The addresses of the hosts (token holders) in any swarm: the peers
     /// the server vouches for.
     pub fn host_ips(&self) -> HashSet<Ipv4Addr> {

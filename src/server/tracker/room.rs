@@ -29,7 +29,7 @@ impl Default for Locality {
 
 /// A room: a group's name (bounded by the config: at most 64 characters),
 /// or a subnet's network address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Room {
     Group(Arc<str>),
     Subnet(Ipv4Addr),

@@ -290,6 +290,24 @@ fn hosts_learn_of_their_own_subnet_only() {
 }
 
 #[test]
+fn the_seed_feeds_the_rooms_of_its_hosts() {
+    let t = tracker();
+    assert_eq!(t.rooms(), 0);
+    two_rooms(&t);
+    room_ask(&t, 7, "10.0.1.7", Some("lab"));
+    assert_eq!(t.rooms(), 3, "two subnets and a group");
+    // Hosts of a swarm the seed does not serve do not count.
+    t.set_images([(H, false)]);
+    assert_eq!(t.rooms(), 0);
+    let off = tracker_with(Locality {
+        on: false,
+        prefix: 24,
+    });
+    two_rooms(&off);
+    assert_eq!(off.rooms(), 1);
+}
+
+#[test]
 fn locality_off_lists_every_host_as_before_rooms() {
     let t = tracker_with(Locality {
         on: false,
