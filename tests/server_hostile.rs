@@ -265,6 +265,46 @@ fn a_tracker_flood_never_crowds_out_the_room() {
     eprintln!("server memory after the flood: peak {hwm} KiB, now {rss} KiB");
 }
 
+/// Rooms come from the server's groups, else subnets (docs/rooms.md):
+/// a host learns of its room's hosts only, unless `locality = false`.
+#[test]
+fn the_tracker_lists_each_host_its_own_room() {
+    let groups = "[[group]]\nname = \"g1\"\nmembers = [\"52:54:00:00:72:01\", \"52:54:00:00:72:03\"]\n\
+                  [[group]]\nname = \"g2\"\nmembers = [\"52:54:00:00:72:02\"]\n";
+    for locality in [true, false] {
+        let t = tempfile::tempdir().unwrap();
+        let srv = lab_server(t.path(), &format!("locality = {locality}\n{groups}"));
+        let h = info_hash(&srv);
+        let origin = format!("127.0.0.1:{}", srv.seed_port);
+        let ask = |mac: &str, from: &str, port: u16, left: u64| {
+            let j = job(srv.port, mac);
+            let mut s = connect_from(from, srv.port);
+            let id = [port as u8; 20];
+            let (peers, mut hosts) = announce(
+                &mut s,
+                &announce_path(&tracker_path(&j), &h, &id, port, left),
+            );
+            hosts.sort();
+            (peers, hosts)
+        };
+        // g1 and g2 in one subnet, then g1's second host from another subnet,
+        // then a host in no group in the first subnet.
+        ask("52:54:00:00:72:01", "127.0.0.1", 7001, 0);
+        ask("52:54:00:00:72:02", "127.0.0.2", 7002, 0);
+        let c = ask("52:54:00:00:72:03", "127.0.9.3", 7003, 100);
+        let d = ask("52:54:00:00:72:04", "127.0.0.4", 7004, 100);
+        if locality {
+            let a = "127.0.0.1:7001".to_string();
+            assert_eq!(c, (vec![origin.clone(), a.clone()], vec![a]), "g1's room");
+            assert_eq!(d, (vec![origin], vec![]), "grouped hosts are not its room");
+        } else {
+            assert_eq!(c.1, ["127.0.0.1:7001", "127.0.0.2:7002"], "every host");
+            assert_eq!(d.1.len(), 3, "{d:?}");
+            assert_eq!(d.0[0], origin);
+        }
+    }
+}
+
 // ---- status reports ----
 
 #[test]

@@ -41,6 +41,16 @@ pub struct ServerConfig {
     /// Announce interval handed to peers, in seconds.
     #[serde(default = "default_interval")]
     pub announce_interval: u64,
+    /// Locality (docs/rooms.md): the tracker lists to each host the origin
+    /// and the hosts of its own room only, so that each room draws each
+    /// piece over its uplink about once. false: every host learns of every
+    /// other, as a topology-blind swarm.
+    #[serde(default = "default_true")]
+    pub locality: bool,
+    /// A host in no group is in the room of its address's subnet of this
+    /// prefix length (0 to 32; 0 puts every such host in one room).
+    #[serde(default = "default_room_prefix")]
+    pub room_prefix: u8,
     /// BitTorrent port of the server's seeds.
     #[serde(default = "default_seed_listen")]
     pub seed_listen: SocketAddr,
@@ -123,6 +133,9 @@ pub struct GroupConfig {
 
 fn default_true() -> bool {
     true
+}
+fn default_room_prefix() -> u8 {
+    24
 }
 fn default_listen() -> SocketAddr {
     "0.0.0.0:8080".parse().expect("valid")
@@ -242,6 +255,12 @@ impl ServerConfig {
         }
         .check()
         .context("wol_rate, wol_repeat")?;
+        if c.room_prefix > 32 {
+            bail!(
+                "room_prefix: {} is not a prefix length (0 to 32)",
+                c.room_prefix
+            );
+        }
         if c.announce_interval == 0 {
             bail!("announce_interval: must be at least 1 second");
         }
@@ -319,6 +338,8 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.announce_url(), "http://127.0.0.1:8080/announce");
         assert!(c.default_job.is_none());
+        assert!(c.locality);
+        assert_eq!(c.room_prefix, 24);
     }
 
     #[test]
@@ -344,6 +365,8 @@ mod tests {
         assert!(e.contains("not a MAC"), "{e}");
         let e = format!("{:#}", ServerConfig::parse("[[host]]\nmac = \"52:54:00:00:00:01\"\n[host.job]\nimage = \"a\"\nverify = \"twice\"").unwrap_err());
         assert!(e.contains("verify"), "{e}");
+        let e = format!("{:#}", ServerConfig::parse("room_prefix = 33").unwrap_err());
+        assert!(e.contains("room_prefix"), "{e}");
     }
 
     #[test]

@@ -188,6 +188,8 @@ async fn scan_loop(state: Arc<ServerState>) {
         state
             .trust
             .replace(state.tracker.host_ips().into_iter().map(IpAddr::V4));
+        // Upload slots for each room the seed feeds, each behind its uplink.
+        state.seeds.set_origin_rooms(state.tracker.rooms());
         state.save_progress();
         state.prune_hosts();
         tokio::time::sleep(SCAN_INTERVAL).await;

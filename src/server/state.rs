@@ -140,7 +140,13 @@ impl ServerState {
         counters: Arc<Counters>,
     ) -> Self {
         Self {
-            tracker: Tracker::new(Duration::from_secs(config.announce_interval)),
+            tracker: Tracker::new(
+                Duration::from_secs(config.announce_interval),
+                super::tracker::room::Locality {
+                    on: config.locality,
+                    prefix: config.room_prefix,
+                },
+            ),
             keys: HostKeys::load_or_create(&config.images),
             trust: Arc::default(),
             counters,

@@ -13,13 +13,19 @@
 //!   the oldest evicted; hosts are never refused, since the tokens bound
 //!   them.
 //!
-//! A peer that wants pieces gets the origin, then hosts (finished ones
-//! first), then guests, up to `numwant`; the hosts' piece scheduling
-//! (`swarm::picker`) keeps the origin from sending a piece twice. Seeds get
-//! no peers: the others come to them. Hosts also get [`HOSTS_KEY`]: every
-//! host of the swarm, the peers the server vouches for. A host that learned
-//! of nobody is asked back after a second. Peers silent for three intervals
-//! are forgotten.
+//! A peer that wants pieces gets the origin, then the hosts of its room
+//! (finished ones first), then the guests of its room, up to `numwant`; the
+//! hosts' piece scheduling (`swarm::picker`) keeps the origin from sending a
+//! piece twice to a room. Seeds get no peers: the others come to them.
+//! Hosts also get [`HOSTS_KEY`]: every host of their room, the peers the
+//! server vouches for (the picker weighs their claims on the origin's
+//! pieces, so the list is per room). A host that learned of nobody is asked
+//! back after a second. Peers silent for three intervals are forgotten.
+//!
+//! Rooms ([`room`]): a host's group, else its subnet; a guest, and whoever
+//! lists or is listed to one, goes by subnets. With locality off, or
+//! every peer in one room, each peer learns of every other, as before
+//! rooms: the swarm is blind to topology.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -31,6 +37,9 @@ use serde::Serialize;
 
 // Hosts per swarm: past it, the one silent longest is evicted.
 use super::MAX_HOSTS;
+
+pub mod room;
+use room::{Locality, Room};
 
 /// Guests per swarm, and per source address.
 pub const MAX_GUESTS: usize = 256;
@@ -46,6 +55,7 @@ pub type InfoHash = [u8; 20];
 
 pub struct Tracker {
     interval: Duration,
+    locality: Locality,
     inner: Mutex<HashMap<InfoHash, Swarm>>,
 }
 
@@ -63,12 +73,22 @@ struct Swarm {
     pruned: Instant,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Peer {
     addr: SocketAddrV4,
     peer_id: [u8; 20],
     left: u64,
     seen: Instant,
+    room: Room,
+}
+
+/// The host an announce's token was issued to, as the server knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Vouched {
+    /// The host's id (the MAC its token names).
+    pub host: String,
+    /// Its group: its room when locality is on.
+    pub group: Option<String>,
 }
 
 /// Seeders and leechers of one swarm, for metrics and the dashboard.
@@ -86,6 +106,7 @@ struct Caller {
     origin: Option<SocketAddrV4>,
     /// The host the announce's token names, if the server issued it.
     host: Option<String>,
+    group: Option<String>,
 }
 
 struct Announce {
@@ -99,9 +120,10 @@ struct Announce {
 }
 
 impl Tracker {
-    pub fn new(interval: Duration) -> Self {
+    pub fn new(interval: Duration, locality: Locality) -> Self {
         Self {
             interval,
+            locality,
             inner: Mutex::default(),
         }
     }
@@ -151,6 +173,22 @@ impl Tracker {
         c
     }
 
+    /// The rooms the server's seed feeds: those of the hosts heard from
+    /// lately in the swarms it serves (one with locality off).
+    pub fn rooms(&self) -> usize {
+        let expiry = self.interval * 3;
+        let now = Instant::now();
+        let g = self.lock();
+        let rooms: HashSet<&Room> = g
+            .values()
+            .filter(|s| s.seeded)
+            .flat_map(|s| s.hosts.values())
+            .filter(|p| now.duration_since(p.seen) < expiry)
+            .map(|p| &p.room)
+            .collect();
+        rooms.len()
+    }
+
     /// The addresses of the hosts (token holders) in any swarm: the peers
     /// the server vouches for.
     pub fn host_ips(&self) -> HashSet<Ipv4Addr> {
@@ -165,23 +203,28 @@ impl Tracker {
     }
 
     /// Answers a raw announce query string with a bencoded body. `vouch`
-    /// names the host a token was issued to, if it was.
+    /// names the host a token was issued to, if it was, and its group.
     pub fn announce(
         &self,
         query: &str,
         remote: IpAddr,
         origin: Option<SocketAddrV4>,
-        vouch: impl FnOnce(&str) -> Option<String>,
+        vouch: impl FnOnce(&str) -> Option<Vouched>,
     ) -> Vec<u8> {
         let parsed = parse(query);
-        let host = match &parsed {
+        let vouched = match &parsed {
             Ok(a) => a.token.as_deref().and_then(vouch),
             Err(_) => None,
+        };
+        let (host, group) = match vouched {
+            Some(v) => (Some(v.host), v.group),
+            None => (None, None),
         };
         let caller = Caller {
             remote,
             origin,
             host,
+            group,
         };
         match parsed.and_then(|a| self.try_announce(a, &caller)) {
             Ok(body) => body,
@@ -210,13 +253,14 @@ impl Tracker {
             peer_id: a.peer_id,
             left: a.left,
             seen: now,
+            room: self.locality.room(ip, from.group.as_deref()),
         };
         let stopped = a.event == "stopped";
         match (&from.host, stopped) {
             (Some(h), true) => {
                 swarm.hosts.remove(h);
             }
-            (Some(h), false) => swarm.add_host(h, me),
+            (Some(h), false) => swarm.add_host(h, me.clone()),
             (None, true) => {
                 if swarm
                     .guests
@@ -226,7 +270,7 @@ impl Tracker {
                     swarm.guests.remove(&a.peer_id);
                 }
             }
-            (None, false) => swarm.add_guest(me),
+            (None, false) => swarm.add_guest(me.clone()),
         }
         // Seeds need nobody: peers come to them.
         let wants_peers = a.left > 0 && !stopped;
@@ -236,13 +280,19 @@ impl Tracker {
             let mut hosts: Vec<&Peer> = swarm
                 .hosts
                 .iter()
-                .filter(|(id, _)| Some(*id) != from.host.as_ref())
+                .filter(|(id, p)| {
+                    Some(*id) != from.host.as_ref()
+                        && match from.host {
+                            Some(_) => p.room == me.room,
+                            None => self.same_subnet(p, ip),
+                        }
+                })
                 .map(|(_, p)| p)
                 .collect();
             let mut guests: Vec<&Peer> = swarm
                 .guests
                 .values()
-                .filter(|p| p.peer_id != me.peer_id)
+                .filter(|p| p.peer_id != me.peer_id && self.same_subnet(p, ip))
                 .collect();
             // Finished peers first, then the one that announced longest ago:
             // each announce moves a peer back, so the choice rotates.
@@ -266,7 +316,7 @@ impl Tracker {
                 swarm
                     .hosts
                     .iter()
-                    .filter(|(id, _)| *id != h)
+                    .filter(|(id, p)| *id != h && p.room == me.room)
                     .map(|(_, p)| p.addr),
             )
         });
@@ -294,6 +344,14 @@ impl Tracker {
         let mut out = Vec::new();
         bencode::bencode_serialize_to_writer(&resp, &mut out)?;
         Ok(out)
+    }
+}
+
+impl Tracker {
+    /// Guests (stock clients) have no group: whoever lists or is listed to
+    /// one goes by subnets.
+    fn same_subnet(&self, p: &Peer, ip: Ipv4Addr) -> bool {
+        self.locality.room(*p.addr.ip(), None) == self.locality.room(ip, None)
     }
 }
 

@@ -92,6 +92,14 @@ impl SwarmSession {
         })
     }
 
+    /// The origin feeds this many rooms, each behind its own uplink (see
+    /// [`Slots::set_rooms`]); nothing on a session that is not the origin.
+    pub fn set_origin_rooms(&self, rooms: usize) {
+        if let Some(s) = &self.inner.slots {
+            s.set_rooms(rooms);
+        }
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
     }

@@ -33,6 +33,9 @@ use super::wire::{Block, PieceIndex, out};
 /// port idle while the hosts' ports are busy, more make each piece later
 /// (docs/benchmarks.md, "Seventh look").
 const ORIGIN_SLOTS: usize = 8;
+/// Rooms behind uplinks get ORIGIN_SLOTS each (see [`Slots::set_rooms`]),
+/// up to this many rooms' worth.
+const MAX_ROOMS: usize = 32;
 /// Of those, how many peers the server does not vouch for may hold at once
 /// (while it vouches for any): strangers cannot take the origin's port from
 /// the room.
@@ -57,6 +60,8 @@ pub(super) const WRITE_BATCH: usize = 64 << 10;
 pub struct Slots {
     all: Arc<Semaphore>,
     strangers: Arc<Semaphore>,
+    /// Permits `all` has in all (held or not).
+    size: std::sync::Mutex<usize>,
 }
 
 impl Slots {
@@ -64,6 +69,22 @@ impl Slots {
         Self {
             all: Arc::new(Semaphore::new(ORIGIN_SLOTS)),
             strangers: Arc::new(Semaphore::new(STRANGER_SLOTS)),
+            size: std::sync::Mutex::new(ORIGIN_SLOTS),
+        }
+    }
+
+    /// The origin feeds `rooms` rooms, each behind its own uplink: slots
+    /// for each, or the slots that happen to go to one room leave the
+    /// others' uplinks idle (docs/benchmarks.md, "Issue 21"). Held slots
+    /// are taken away once they are given back (on a later call).
+    pub fn set_rooms(&self, rooms: usize) {
+        let want = ORIGIN_SLOTS * rooms.clamp(1, MAX_ROOMS);
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if want > *size {
+            self.all.add_permits(want - *size);
+            *size = want;
+        } else if want < *size {
+            *size -= self.all.forget_permits(*size - want);
         }
     }
 
@@ -392,5 +413,34 @@ mod tests {
         );
         assert!(unsent(&w).unwrap() <= DRAINED);
         assert_eq!(reader.await.unwrap().unwrap(), piece);
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_rooms() {
+        let s = Slots::new();
+        assert_eq!(s.all.available_permits(), ORIGIN_SLOTS);
+        s.set_rooms(4);
+        assert_eq!(s.all.available_permits(), 4 * ORIGIN_SLOTS);
+        s.set_rooms(1000);
+        assert_eq!(s.all.available_permits(), MAX_ROOMS * ORIGIN_SLOTS);
+        // Down to one room while all but 3 are held: the free ones go now,
+        // the rest once given back.
+        let held = s
+            .all
+            .clone()
+            .try_acquire_many_owned((MAX_ROOMS * ORIGIN_SLOTS - 3) as u32)
+            .unwrap();
+        s.set_rooms(1);
+        assert_eq!(s.all.available_permits(), 0);
+        drop(held);
+        s.set_rooms(1);
+        assert_eq!(s.all.available_permits(), ORIGIN_SLOTS);
+        s.set_rooms(0);
+        assert_eq!(s.all.available_permits(), ORIGIN_SLOTS);
     }
 }

@@ -11,6 +11,7 @@ use axum::{Extension, Router};
 
 use super::http::Conn;
 use super::state::ServerState;
+use super::tracker::Vouched;
 
 pub mod admin;
 pub mod agent;
@@ -84,9 +85,15 @@ async fn announce(
     let body = s
         .tracker
         .announce(q.as_deref().unwrap_or(""), c.remote.ip(), origin, |t| {
-            let mac = s.keys.check(t).map(|h| h.mac);
-            host = mac.is_some();
-            mac
+            let mac = s.keys.check(t)?.mac;
+            host = true;
+            // Its room: its group, if the database can say (else its subnet).
+            let group = if s.config.locality {
+                s.rooms.group_of(&mac).ok().flatten()
+            } else {
+                None
+            };
+            Some(Vouched { host: mac, group })
         });
     if host {
         s.trust.extend([c.remote.ip()]);

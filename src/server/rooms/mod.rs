@@ -600,6 +600,15 @@ impl Rooms {
         Ok(())
     }
 
+    /// `mac`'s group, if it is in one: its room for the tracker.
+    pub fn group_of(&self, mac: &str) -> Result<Option<String>> {
+        let c = self.db.lock();
+        Ok(one(&c, "SELECT grp FROM hosts WHERE mac = ?1", [mac], |r| {
+            r.get::<_, Option<String>>(0)
+        })?
+        .flatten())
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }

@@ -414,3 +414,14 @@ fn a_pc_restarted_while_fitting_is_failed_not_done() {
     assert!(no_task(&r, C).contains("was imaged by deployment"));
     assert_eq!(r.tasks(id, 0, 10).unwrap()[0].task, TaskState::Done);
 }
+
+#[test]
+fn a_hosts_group_is_its_room_for_the_tracker() {
+    let r = rooms("");
+    assert_eq!(r.group_of(A).unwrap().as_deref(), Some("room-1"));
+    assert_eq!(r.group_of(C).unwrap().as_deref(), Some("room-2"));
+    // Unknown, or known and in no group: the tracker goes by its subnet.
+    assert_eq!(r.group_of(STRANGER).unwrap(), None);
+    r.boot(STRANGER, &mut |_| false).unwrap();
+    assert_eq!(r.group_of(STRANGER).unwrap(), None);
+}
