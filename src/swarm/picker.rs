@@ -32,8 +32,10 @@ const ORIGIN_SHARE_SLACK: u64 = 2;
 /// with pieces that every host leaves to the others.
 const CLAIMING: Duration = Duration::from_millis(300);
 /// A host this many pieces (plus 1/128 of them) behind its peers' mean takes
-/// nothing new from the origin.
+/// nothing new from the origin, if it is also slower than they are.
 const BEHIND_SLACK: u64 = 16;
+/// How often a host compares how fast it gains pieces with its peers.
+const PACE_WINDOW: Duration = Duration::from_secs(1);
 
 /// One peer's pieces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -222,7 +224,31 @@ pub struct Picker {
     /// Peers other than the origin connected, and the pieces they hold.
     relays: usize,
     relay_held: u64,
+    pace: Pace,
     rng: u64,
+}
+
+/// Whether this host gains pieces more slowly than its peers, as measured
+/// over the last [`PACE_WINDOW`].
+#[derive(Debug)]
+struct Pace {
+    since: Instant,
+    /// Pieces here, and the peers' mean, when the window began.
+    have: usize,
+    peers: f64,
+    /// Until a window has passed: the count alone decides.
+    slower: bool,
+}
+
+impl Pace {
+    fn new(have: usize) -> Self {
+        Self {
+            since: Instant::now(),
+            have,
+            peers: 0.0,
+            slower: true,
+        }
+    }
 }
 
 impl Picker {
@@ -232,6 +258,7 @@ impl Picker {
         let n = have.len();
         let cursor = ((start.clamp(0.0, 1.0) * n as f64) as usize).min(n.saturating_sub(1));
         let not_out = n.saturating_sub(have.count());
+        let pace = Pace::new(have.count());
         Self {
             have,
             avail: vec![0; n],
@@ -249,6 +276,7 @@ impl Picker {
             hosts: 0,
             relays: 0,
             relay_held: 0,
+            pace,
             rng: seed | 1,
         }
     }
@@ -325,14 +353,34 @@ impl Picker {
         self.relays = relays;
     }
 
-    /// This host holds well under what its peers hold on average: a slow
-    /// port, or a late start. A piece it took first from the origin would
-    /// reach it late and leave it slowly, and the room would wait for it;
-    /// it takes pieces the others already hold instead.
-    fn behind(&self) -> bool {
+    /// This host holds well under what its peers hold on average and gains
+    /// pieces more slowly than they do: a slow port. A piece it took first
+    /// from the origin would reach it late and leave it slowly, and the room
+    /// would wait for it; it takes pieces the others already hold instead.
+    ///
+    /// A host that is behind only because it started late, and gains as
+    /// fast as its peers, is not: waiting would tie it to the pace of the
+    /// peers it takes from (one slow host ahead of a fast one fed it at the
+    /// slow host's upload rate, and the fast one never caught up).
+    fn behind(&mut self, now: Instant) -> bool {
+        let mean = if self.relays > 0 {
+            self.relay_held as f64 / self.relays as f64
+        } else {
+            0.0
+        };
+        if now.saturating_duration_since(self.pace.since) >= PACE_WINDOW {
+            let own = self.have.count().saturating_sub(self.pace.have) as f64;
+            let peers = mean - self.pace.peers;
+            // Slower by a clear margin: equal ports measure within a few %.
+            self.pace.slower = own * 4.0 < peers * 3.0;
+            self.pace.since = now;
+            self.pace.have = self.have.count();
+            self.pace.peers = mean;
+        }
         let slack = BEHIND_SLACK + self.have.len() as u64 / 128;
         self.relays > 0
             && (self.have.count() as u64 + slack) * self.relays as u64 <= self.relay_held
+            && self.pace.slower
     }
 
     /// This host has taken its share of the origin's pieces and more, and
@@ -451,7 +499,8 @@ impl Picker {
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
         let n = self.have.len();
-        if n == 0 || self.behind() || self.over_origin_share(Instant::now()) {
+        let now = Instant::now();
+        if n == 0 || self.behind(now) || self.over_origin_share(now) {
             return None;
         }
         if self.rewalk || !self.free(self.cursor, peer, true) {
@@ -899,6 +948,59 @@ mod tests {
         let mut q = picker(1024, 0.0);
         q.set_hosts(0, 0);
         assert!(q.pick(&seed, true).is_some());
+    }
+
+    /// Moves the start of the pace window back by one window: the next
+    /// pick from the origin compares what was gained since.
+    fn window_passes(p: &mut Picker) {
+        p.pace.since = p.pace.since.checked_sub(PACE_WINDOW).expect("a clock");
+    }
+
+    #[test]
+    fn a_late_host_as_fast_as_its_slow_peer_still_takes_from_the_origin() {
+        // The lab's case: a slow host started first, and the fast host,
+        // fed only what the slow one held, stayed 28+ pieces behind it at
+        // the slow host's pace until both ended together (2.2 × S/B).
+        let n = 1024;
+        let seed = Bits::full(n);
+        let mut p = picker(n, 0.0);
+        p.set_hosts(1, 1);
+        let mut next = 0;
+        let mut gain = |p: &mut Picker, peer: usize, own: usize| {
+            for i in next..next + peer {
+                p.peer_has(i, false);
+            }
+            next += peer;
+            let mut got = 0;
+            for i in 0..n {
+                if got == own {
+                    break;
+                }
+                if p.relay_avail[i] > 0 && !p.have().get(i) {
+                    p.complete(i, false);
+                    got += 1;
+                }
+            }
+        };
+        // The peer holds 40 pieces, this host none: behind, and slower in
+        // the first window.
+        gain(&mut p, 40, 0);
+        assert_eq!(p.pick(&seed, true), None);
+        window_passes(&mut p);
+        assert_eq!(p.pick(&seed, true), None);
+        // It gains as fast as the peer does, 20 pieces a window each, and
+        // stays 40 behind: waiting would never close the gap. It is not
+        // behind any longer.
+        window_passes(&mut p);
+        gain(&mut p, 20, 20);
+        let i = p.pick(&seed, true).expect("an origin piece");
+        assert!(i >= 60, "{i} is held by the peer");
+        p.release(i);
+        // A host that gains at half its peer's pace (a slow port) is.
+        window_passes(&mut p);
+        gain(&mut p, 40, 20);
+        window_passes(&mut p);
+        assert_eq!(p.pick(&seed, true), None);
     }
 
     /// A picker of 100 pieces that has claimed `n` from the origin, with
