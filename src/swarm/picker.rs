@@ -8,8 +8,11 @@
 //!   payload between itself. Once every piece is out in the room, the idle
 //!   origin serves the rarest ones too.
 //! - A host that has taken more than its share of the origin's pieces (the
-//!   mean of the hosts it knows, plus a slack) leaves the next ones to the
+//!   median of the hosts it knows, plus a slack) leaves the next ones to the
 //!   others: each such piece costs its holder N − 1 uploads.
+//! - A host well behind its peers that also gains pieces more slowly (a slow
+//!   port) takes nothing new from the origin; one behind only by a late
+//!   start, as fast as they are, does.
 //! - From any other peer it takes the rarest piece that peer holds, ties
 //!   broken at random, so fresh pieces spread at once.
 //! - When every missing piece is in flight, or once every piece is out in
@@ -34,6 +37,11 @@ const CLAIMING: Duration = Duration::from_millis(300);
 /// A host this many pieces (plus 1/128 of them) behind its peers' mean takes
 /// nothing new from the origin, if it is also slower than they are.
 const BEHIND_SLACK: u64 = 16;
+/// The other hosts' shares of the origin's pieces are sorted again at most
+/// this often as their claims come (at once when a host comes or goes): a
+/// pick follows most messages, and a sort of every host's share on each one
+/// grew with the room.
+const ROOM_REFRESH: Duration = Duration::from_millis(100);
 /// How often a host compares how fast it gains pieces with its peers.
 const PACE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -217,6 +225,10 @@ pub struct Picker {
     /// Pieces each counted host (see [`Picker::set_hosts`]) claimed while
     /// connected to this one, by connection.
     shares: HashMap<u64, u64>,
+    /// `shares` sorted, with a 0 for each counted host that claimed nothing,
+    /// and when (`None`: to sort at the next look).
+    room: Vec<u64>,
+    room_at: Option<Instant>,
     /// When another host last claimed a piece.
     last_room_claim: Option<Instant>,
     /// Counted hosts connected.
@@ -272,6 +284,8 @@ impl Picker {
             rewalk: false,
             own_claims: 0,
             shares: HashMap::new(),
+            room: Vec::new(),
+            room_at: None,
             last_room_claim: None,
             hosts: 0,
             relays: 0,
@@ -349,6 +363,9 @@ impl Picker {
     /// came, and would make every earlier one look ahead of the room.
     /// `relays`: all peers connected other than the origin.
     pub fn set_hosts(&mut self, hosts: usize, relays: usize) {
+        if hosts != self.hosts {
+            self.room_at = None;
+        }
         self.hosts = hosts;
         self.relays = relays;
     }
@@ -385,16 +402,38 @@ impl Picker {
 
     /// This host has taken its share of the origin's pieces and more, and
     /// other hosts are taking theirs: it leaves the next ones to them.
-    fn over_origin_share(&self, now: Instant) -> bool {
-        // Counted hosts that have claimed nothing yet count as 0.
-        let mut room: Vec<u64> = self.shares.values().copied().collect();
-        room.resize(room.len().max(self.hosts), 0);
-        room.push(self.own_claims);
-        room.sort_unstable();
-        self.own_claims > room[(room.len() - 1) / 2] + ORIGIN_SHARE_SLACK
-            && self
-                .last_room_claim
-                .is_some_and(|t| now.saturating_duration_since(t) < CLAIMING)
+    fn over_origin_share(&mut self, now: Instant) -> bool {
+        if !self
+            .last_room_claim
+            .is_some_and(|t| now.saturating_duration_since(t) < CLAIMING)
+        {
+            return false;
+        }
+        if self
+            .room_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= ROOM_REFRESH)
+        {
+            self.room.clear();
+            self.room.extend(self.shares.values().copied());
+            // Counted hosts that have claimed nothing yet count as 0.
+            self.room.resize(self.room.len().max(self.hosts), 0);
+            self.room.sort_unstable();
+            self.room_at = Some(now);
+        }
+        self.own_claims > self.room_median() + ORIGIN_SHARE_SLACK
+    }
+
+    /// The (lower) median of the room's shares and this host's own.
+    fn room_median(&self) -> u64 {
+        let own = self.own_claims;
+        // Where `own` goes among the others, and the middle of them all.
+        let at = self.room.partition_point(|&s| s < own);
+        let mid = self.room.len() / 2;
+        match mid.cmp(&at) {
+            std::cmp::Ordering::Less => self.room[mid],
+            std::cmp::Ordering::Equal => own,
+            std::cmp::Ordering::Greater => self.room[mid - 1],
+        }
     }
 
     /// A host now holds the piece it claimed.
@@ -423,6 +462,7 @@ impl Picker {
     /// A counted host's connection closed: its claims no longer count.
     pub fn peer_left(&mut self, conn: u64) {
         self.shares.remove(&conn);
+        self.room_at = None;
     }
 
     pub fn peer_gone(&mut self, peer: &PeerPieces, origin: bool) {
@@ -1023,10 +1063,12 @@ mod tests {
         // median (the lower middle one) is 0: more than 2 ahead.
         p.peer_claims(90, Some(1));
         assert_eq!(p.pick(&seed, true), None);
-        // The others catch up: 1, 2, 2 and 4, median 2, back within 2.
+        // The others catch up: 1, 2, 2 and 4, median 2, back within 2
+        // (once the room's shares are sorted again).
         for (i, host) in (91..95).zip([1, 2, 2, 3]) {
             p.peer_claims(i, Some(host));
         }
+        p.room_at = None;
         assert!(p.pick(&seed, true).is_some());
     }
 
@@ -1050,6 +1092,25 @@ mod tests {
         p.own_claims -= 1;
         p.peer_left(7);
         assert!(!p.over_origin_share(Instant::now()));
+    }
+
+    #[test]
+    fn the_room_s_median_is_that_of_every_share_sorted() {
+        let mut rng = 99u64;
+        for _ in 0..2000 {
+            let mut p = picker(8, 0.0);
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let hosts = (rng % 9) as usize;
+            p.room = (0..hosts).map(|k| (rng >> (k * 3)) % 6).collect();
+            p.room.sort_unstable();
+            p.own_claims = (rng >> 40) % 7;
+            let mut all = p.room.clone();
+            all.push(p.own_claims);
+            all.sort_unstable();
+            assert_eq!(p.room_median(), all[(all.len() - 1) / 2], "{all:?}");
+        }
     }
 
     #[test]
