@@ -403,9 +403,9 @@ impl Picker {
     /// This host has taken its share of the origin's pieces and more, and
     /// other hosts are taking theirs: it leaves the next ones to them.
     fn over_origin_share(&mut self, now: Instant) -> bool {
-        if !self
+        if self
             .last_room_claim
-            .is_some_and(|t| now.saturating_duration_since(t) < CLAIMING)
+            .is_none_or(|t| now.saturating_duration_since(t) >= CLAIMING)
         {
             return false;
         }
