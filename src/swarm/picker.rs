@@ -8,8 +8,11 @@
 //!   payload between itself. Once every piece is out in the room, the idle
 //!   origin serves the rarest ones too.
 //! - A host that has taken more than its share of the origin's pieces (the
-//!   mean of the hosts it knows, plus a slack) leaves the next ones to the
+//!   median of the hosts it knows, plus a slack) leaves the next ones to the
 //!   others: each such piece costs its holder N − 1 uploads.
+//! - A host well behind its peers that also gains pieces more slowly (a slow
+//!   port) takes nothing new from the origin; one behind only by a late
+//!   start, as fast as they are, does.
 //! - From any other peer it takes the rarest piece that peer holds, ties
 //!   broken at random, so fresh pieces spread at once.
 //! - When every missing piece is in flight, or once every piece is out in
@@ -32,8 +35,15 @@ const ORIGIN_SHARE_SLACK: u64 = 2;
 /// with pieces that every host leaves to the others.
 const CLAIMING: Duration = Duration::from_millis(300);
 /// A host this many pieces (plus 1/128 of them) behind its peers' mean takes
-/// nothing new from the origin.
+/// nothing new from the origin, if it is also slower than they are.
 const BEHIND_SLACK: u64 = 16;
+/// The other hosts' shares of the origin's pieces are sorted again at most
+/// this often as their claims come (at once when a host comes or goes): a
+/// pick follows most messages, and a sort of every host's share on each one
+/// grew with the room.
+const ROOM_REFRESH: Duration = Duration::from_millis(100);
+/// How often a host compares how fast it gains pieces with its peers.
+const PACE_WINDOW: Duration = Duration::from_secs(1);
 
 /// One peer's pieces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -215,6 +225,10 @@ pub struct Picker {
     /// Pieces each counted host (see [`Picker::set_hosts`]) claimed while
     /// connected to this one, by connection.
     shares: HashMap<u64, u64>,
+    /// `shares` sorted, with a 0 for each counted host that claimed nothing,
+    /// and when (`None`: to sort at the next look).
+    room: Vec<u64>,
+    room_at: Option<Instant>,
     /// When another host last claimed a piece.
     last_room_claim: Option<Instant>,
     /// Counted hosts connected.
@@ -222,7 +236,31 @@ pub struct Picker {
     /// Peers other than the origin connected, and the pieces they hold.
     relays: usize,
     relay_held: u64,
+    pace: Pace,
     rng: u64,
+}
+
+/// Whether this host gains pieces more slowly than its peers, as measured
+/// over the last [`PACE_WINDOW`].
+#[derive(Debug)]
+struct Pace {
+    since: Instant,
+    /// Pieces here, and the peers' mean, when the window began.
+    have: usize,
+    peers: f64,
+    /// Until a window has passed: the count alone decides.
+    slower: bool,
+}
+
+impl Pace {
+    fn new(have: usize) -> Self {
+        Self {
+            since: Instant::now(),
+            have,
+            peers: 0.0,
+            slower: true,
+        }
+    }
 }
 
 impl Picker {
@@ -232,6 +270,7 @@ impl Picker {
         let n = have.len();
         let cursor = ((start.clamp(0.0, 1.0) * n as f64) as usize).min(n.saturating_sub(1));
         let not_out = n.saturating_sub(have.count());
+        let pace = Pace::new(have.count());
         Self {
             have,
             avail: vec![0; n],
@@ -245,10 +284,13 @@ impl Picker {
             rewalk: false,
             own_claims: 0,
             shares: HashMap::new(),
+            room: Vec::new(),
+            room_at: None,
             last_room_claim: None,
             hosts: 0,
             relays: 0,
             relay_held: 0,
+            pace,
             rng: seed | 1,
         }
     }
@@ -321,32 +363,77 @@ impl Picker {
     /// came, and would make every earlier one look ahead of the room.
     /// `relays`: all peers connected other than the origin.
     pub fn set_hosts(&mut self, hosts: usize, relays: usize) {
+        if hosts != self.hosts {
+            self.room_at = None;
+        }
         self.hosts = hosts;
         self.relays = relays;
     }
 
-    /// This host holds well under what its peers hold on average: a slow
-    /// port, or a late start. A piece it took first from the origin would
-    /// reach it late and leave it slowly, and the room would wait for it;
-    /// it takes pieces the others already hold instead.
-    fn behind(&self) -> bool {
+    /// This host holds well under what its peers hold on average and gains
+    /// pieces more slowly than they do: a slow port. A piece it took first
+    /// from the origin would reach it late and leave it slowly, and the room
+    /// would wait for it; it takes pieces the others already hold instead.
+    ///
+    /// A host that is behind only because it started late, and gains as
+    /// fast as its peers, is not: waiting would tie it to the pace of the
+    /// peers it takes from (one slow host ahead of a fast one fed it at the
+    /// slow host's upload rate, and the fast one never caught up).
+    fn behind(&mut self, now: Instant) -> bool {
+        let mean = if self.relays > 0 {
+            self.relay_held as f64 / self.relays as f64
+        } else {
+            0.0
+        };
+        if now.saturating_duration_since(self.pace.since) >= PACE_WINDOW {
+            let own = self.have.count().saturating_sub(self.pace.have) as f64;
+            let peers = mean - self.pace.peers;
+            // Slower by a clear margin: equal ports measure within a few %.
+            self.pace.slower = own * 4.0 < peers * 3.0;
+            self.pace.since = now;
+            self.pace.have = self.have.count();
+            self.pace.peers = mean;
+        }
         let slack = BEHIND_SLACK + self.have.len() as u64 / 128;
         self.relays > 0
             && (self.have.count() as u64 + slack) * self.relays as u64 <= self.relay_held
+            && self.pace.slower
     }
 
     /// This host has taken its share of the origin's pieces and more, and
     /// other hosts are taking theirs: it leaves the next ones to them.
-    fn over_origin_share(&self, now: Instant) -> bool {
-        // Counted hosts that have claimed nothing yet count as 0.
-        let mut room: Vec<u64> = self.shares.values().copied().collect();
-        room.resize(room.len().max(self.hosts), 0);
-        room.push(self.own_claims);
-        room.sort_unstable();
-        self.own_claims > room[(room.len() - 1) / 2] + ORIGIN_SHARE_SLACK
-            && self
-                .last_room_claim
-                .is_some_and(|t| now.saturating_duration_since(t) < CLAIMING)
+    fn over_origin_share(&mut self, now: Instant) -> bool {
+        if self
+            .last_room_claim
+            .is_none_or(|t| now.saturating_duration_since(t) >= CLAIMING)
+        {
+            return false;
+        }
+        if self
+            .room_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= ROOM_REFRESH)
+        {
+            self.room.clear();
+            self.room.extend(self.shares.values().copied());
+            // Counted hosts that have claimed nothing yet count as 0.
+            self.room.resize(self.room.len().max(self.hosts), 0);
+            self.room.sort_unstable();
+            self.room_at = Some(now);
+        }
+        self.own_claims > self.room_median() + ORIGIN_SHARE_SLACK
+    }
+
+    /// The (lower) median of the room's shares and this host's own.
+    fn room_median(&self) -> u64 {
+        let own = self.own_claims;
+        // Where `own` goes among the others, and the middle of them all.
+        let at = self.room.partition_point(|&s| s < own);
+        let mid = self.room.len() / 2;
+        match mid.cmp(&at) {
+            std::cmp::Ordering::Less => self.room[mid],
+            std::cmp::Ordering::Equal => own,
+            std::cmp::Ordering::Greater => self.room[mid - 1],
+        }
     }
 
     /// A host now holds the piece it claimed.
@@ -375,6 +462,7 @@ impl Picker {
     /// A counted host's connection closed: its claims no longer count.
     pub fn peer_left(&mut self, conn: u64) {
         self.shares.remove(&conn);
+        self.room_at = None;
     }
 
     pub fn peer_gone(&mut self, peer: &PeerPieces, origin: bool) {
@@ -451,7 +539,8 @@ impl Picker {
 
     fn pick_origin(&mut self, peer: &Bits) -> Option<usize> {
         let n = self.have.len();
-        if n == 0 || self.behind() || self.over_origin_share(Instant::now()) {
+        let now = Instant::now();
+        if n == 0 || self.behind(now) || self.over_origin_share(now) {
             return None;
         }
         if self.rewalk || !self.free(self.cursor, peer, true) {
@@ -901,6 +990,59 @@ mod tests {
         assert!(q.pick(&seed, true).is_some());
     }
 
+    /// Moves the start of the pace window back by one window: the next
+    /// pick from the origin compares what was gained since.
+    fn window_passes(p: &mut Picker) {
+        p.pace.since = p.pace.since.checked_sub(PACE_WINDOW).expect("a clock");
+    }
+
+    #[test]
+    fn a_late_host_as_fast_as_its_slow_peer_still_takes_from_the_origin() {
+        // The lab's case: a slow host started first, and the fast host,
+        // fed only what the slow one held, stayed 28+ pieces behind it at
+        // the slow host's pace until both ended together (2.2 × S/B).
+        let n = 1024;
+        let seed = Bits::full(n);
+        let mut p = picker(n, 0.0);
+        p.set_hosts(1, 1);
+        let mut next = 0;
+        let mut gain = |p: &mut Picker, peer: usize, own: usize| {
+            for i in next..next + peer {
+                p.peer_has(i, false);
+            }
+            next += peer;
+            let mut got = 0;
+            for i in 0..n {
+                if got == own {
+                    break;
+                }
+                if p.relay_avail[i] > 0 && !p.have().get(i) {
+                    p.complete(i, false);
+                    got += 1;
+                }
+            }
+        };
+        // The peer holds 40 pieces, this host none: behind, and slower in
+        // the first window.
+        gain(&mut p, 40, 0);
+        assert_eq!(p.pick(&seed, true), None);
+        window_passes(&mut p);
+        assert_eq!(p.pick(&seed, true), None);
+        // It gains as fast as the peer does, 20 pieces a window each, and
+        // stays 40 behind: waiting would never close the gap. It is not
+        // behind any longer.
+        window_passes(&mut p);
+        gain(&mut p, 20, 20);
+        let i = p.pick(&seed, true).expect("an origin piece");
+        assert!(i >= 60, "{i} is held by the peer");
+        p.release(i);
+        // A host that gains at half its peer's pace (a slow port) is.
+        window_passes(&mut p);
+        gain(&mut p, 40, 20);
+        window_passes(&mut p);
+        assert_eq!(p.pick(&seed, true), None);
+    }
+
     /// A picker of 100 pieces that has claimed `n` from the origin, with
     /// `hosts` counted hosts around it.
     fn claimed(n: usize, hosts: usize) -> Picker {
@@ -921,10 +1063,12 @@ mod tests {
         // median (the lower middle one) is 0: more than 2 ahead.
         p.peer_claims(90, Some(1));
         assert_eq!(p.pick(&seed, true), None);
-        // The others catch up: 1, 2, 2 and 4, median 2, back within 2.
+        // The others catch up: 1, 2, 2 and 4, median 2, back within 2
+        // (once the room's shares are sorted again).
         for (i, host) in (91..95).zip([1, 2, 2, 3]) {
             p.peer_claims(i, Some(host));
         }
+        p.room_at = None;
         assert!(p.pick(&seed, true).is_some());
     }
 
@@ -948,6 +1092,25 @@ mod tests {
         p.own_claims -= 1;
         p.peer_left(7);
         assert!(!p.over_origin_share(Instant::now()));
+    }
+
+    #[test]
+    fn the_room_s_median_is_that_of_every_share_sorted() {
+        let mut rng = 99u64;
+        for _ in 0..2000 {
+            let mut p = picker(8, 0.0);
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let hosts = (rng % 9) as usize;
+            p.room = (0..hosts).map(|k| (rng >> (k * 3)) % 6).collect();
+            p.room.sort_unstable();
+            p.own_claims = (rng >> 40) % 7;
+            let mut all = p.room.clone();
+            all.push(p.own_claims);
+            all.sort_unstable();
+            assert_eq!(p.room_median(), all[(all.len() - 1) / 2], "{all:?}");
+        }
     }
 
     #[test]
