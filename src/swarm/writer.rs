@@ -47,8 +47,9 @@ const WRITE_STALL: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// A slot's piece counts as sent when its socket holds at most this much.
 const DRAINED: usize = 32 << 10;
-/// How often a draining slot looks at its socket.
-const DRAIN_POLL: Duration = Duration::from_millis(2);
+/// How often a draining slot looks at its socket if the kernel's wake-up
+/// (see [`drain`]) does not come.
+const DRAIN_POLL: Duration = Duration::from_millis(25);
 /// Queued blocks sent in one write at most (bytes; one block at least).
 pub(super) const WRITE_BATCH: usize = 64 << 10;
 
@@ -324,10 +325,54 @@ nix::ioctl_read_bad!(siocoutqnsd, 0x894B, nix::libc::c_int);
 /// Waits until the socket has sent all but [`DRAINED`] bytes of what it was
 /// given (or until `deadline`): a slot's piece is on the wire before the
 /// slot goes to the next one, so the origin sends few pieces at a time.
+///
+/// The kernel wakes us: for the drain, the socket's unsent low-water mark
+/// is lowered so that it turns writable once at most [`DRAINED`] bytes wait
+/// (a writer is woken below half the mark). Polling the socket every 2 ms
+/// instead cost the seed a wake-up and a syscall per slot that often.
 async fn drain(w: &OwnedWriteHalf, deadline: Instant) {
+    let s: &tokio::net::TcpStream = w.as_ref();
+    let sock = socket2::SockRef::from(s);
+    let lowat = sock.tcp_notsent_lowat().ok();
+    let _ = sock.set_tcp_notsent_lowat(2 * DRAINED as u32);
     while unsent(w).is_some_and(|n| n > DRAINED) && Instant::now() < deadline {
-        tokio::time::sleep(DRAIN_POLL).await;
+        // Forget an old readiness, so that the wait below is for a new one.
+        let _ = s.try_io(tokio::io::Interest::WRITABLE, || {
+            match unsent(w).is_some_and(|n| n > DRAINED) {
+                true => Err(std::io::ErrorKind::WouldBlock.into()),
+                false => Ok(()),
+            }
+        });
+        // A poll that finds the socket full asks the kernel to wake its
+        // writers when space comes (it does not otherwise, unless a write
+        // had to wait).
+        let wait = match poll_writable(s) {
+            // Space came meanwhile: looked at again soon.
+            true => Duration::from_millis(1),
+            false => DRAIN_POLL,
+        };
+        tokio::select! {
+            _ = s.writable(), if wait == DRAIN_POLL => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
     }
+    if let Some(l) = lowat {
+        let _ = sock.set_tcp_notsent_lowat(l);
+    }
+}
+
+/// poll(2) without waiting: the socket takes more bytes now.
+fn poll_writable(s: &tokio::net::TcpStream) -> bool {
+    use nix::libc;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLOUT != 0
 }
 
 /// Bytes the socket holds that it has not sent yet.
