@@ -9,6 +9,7 @@
 //! progress for [`WRITE_STALL`] is dropped. A peer that does not read
 //! blocks nobody but its own writer.
 
+use std::io::IoSlice;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tokio::time::Instant;
 use super::outbox::Outbox;
 use super::peer::Misbehaved;
 use super::torrent::Shared;
-use super::wire::{Block, PieceIndex, out};
+use super::wire::{Block, PIECE_HEADER, PieceIndex, out};
 
 /// Pieces the server's seed uploads at once, each to one host, the others
 /// waiting in line: a host gets a piece at a fraction of the port rate
@@ -50,8 +51,9 @@ const WRITE_STALL: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// A slot's piece counts as sent when its socket holds at most this much.
 const DRAINED: usize = 32 << 10;
-/// How often a draining slot looks at its socket.
-const DRAIN_POLL: Duration = Duration::from_millis(2);
+/// How often a draining slot looks at its socket if the kernel's wake-up
+/// (see [`drain`]) does not come.
+const DRAIN_POLL: Duration = Duration::from_millis(25);
 /// Queued blocks sent in one write at most (bytes; one block at least).
 pub(super) const WRITE_BATCH: usize = 64 << 10;
 
@@ -261,14 +263,26 @@ impl Writer {
             return Ok(());
         }
         // Control messages ride in the same write as the blocks (no packet
-        // of their own).
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        buf.append(&mut self.control);
-        let len = self.fill(&mut buf)?;
+        // of their own); the blocks go straight from their verified pieces,
+        // in one vectored write without a copy.
+        let mut heads = std::mem::take(&mut self.buf);
+        heads.clear();
+        let control = std::mem::take(&mut self.control);
+        let data = self.fill(&mut heads)?;
+        let len = data.iter().map(|(_, d)| d.len()).sum();
         t.up_limit.take(len).await;
-        let r = self.write(&buf).await;
-        self.buf = buf;
+        let mut slices = Vec::with_capacity(1 + 2 * data.len());
+        slices.push(IoSlice::new(&control));
+        for (k, (p, range)) in data.iter().enumerate() {
+            let h = heads.get(k * PIECE_HEADER..(k + 1) * PIECE_HEADER);
+            slices.push(IoSlice::new(h.unwrap_or_default()));
+            slices.push(IoSlice::new(p.get(range.clone()).unwrap_or_default()));
+        }
+        let r = self.write_all_vectored(&mut slices).await;
+        drop(slices);
+        self.buf = heads;
+        self.control = control;
+        self.control.clear();
         r?;
         t.uploaded.fetch_add(len as u64, Ordering::Relaxed);
         let Some(last) = self.blocks.last() else {
@@ -285,11 +299,13 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends the blocks' messages to `buf`, from verified pieces; returns
-    /// the blocks' bytes. A piece that is not in memory is read and hashed
+    /// Appends the blocks' message headers to `heads` ([`PIECE_HEADER`]
+    /// bytes each) and returns each block's bytes, as its verified piece and
+    /// the range in it. A piece that is not in memory is read and hashed
     /// here (this worker only).
-    fn fill(&mut self, buf: &mut Vec<u8>) -> Result<usize> {
-        let mut len = 0;
+    #[allow(clippy::type_complexity)]
+    fn fill(&mut self, heads: &mut Vec<u8>) -> Result<Vec<(Arc<Vec<u8>>, std::ops::Range<usize>)>> {
+        let mut data = Vec::with_capacity(self.blocks.len());
         let mut piece: Option<(PieceIndex, Option<Arc<Vec<u8>>>)> = None;
         for b in &self.blocks {
             if piece.as_ref().is_none_or(|(p, _)| *p != b.piece()) {
@@ -299,30 +315,36 @@ impl Writer {
                 };
                 piece = Some((b.piece(), d));
             }
-            let Some(data) = piece
+            let range = b.begin() as usize..b.end() as usize;
+            let Some(d) = piece
                 .as_ref()
                 .and_then(|(_, d)| d.as_ref())
-                .and_then(|d| d.get(b.begin() as usize..b.end() as usize))
+                .filter(|d| d.get(range.clone()).is_some())
             else {
                 continue;
             };
-            out::piece_header(b, buf);
-            buf.extend_from_slice(data);
-            len += data.len();
+            out::piece_header(b, heads);
+            data.push((d.clone(), range));
         }
-        Ok(len)
+        Ok(data)
     }
 
     /// Writes all of `bytes`. A slot held past [`SLOT_HOLD`] is given up
     /// meanwhile; no progress for [`WRITE_STALL`] fails the connection.
     async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let mut done = 0;
-        while done < bytes.len() {
+        self.write_all_vectored(&mut [IoSlice::new(bytes)]).await
+    }
+
+    /// [`Writer::write`] of several slices, in as few syscalls as the
+    /// socket takes them.
+    async fn write_all_vectored(&mut self, mut slices: &mut [IoSlice<'_>]) -> Result<()> {
+        IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
             let slot_end = self.slot.as_ref().map(|s| s.since + SLOT_HOLD);
             tokio::select! {
-                r = self.w.write(&bytes[done..]) => match r? {
+                r = self.w.write_vectored(slices) => match r? {
                     0 => bail!("the connection closed"),
-                    n => done += n,
+                    n => IoSlice::advance_slices(&mut slices, n),
                 },
                 _ = tokio::time::sleep_until(slot_end.unwrap_or_else(Instant::now)), if slot_end.is_some() => {
                     // The peer takes too long: its slot goes to another.
@@ -345,10 +367,54 @@ nix::ioctl_read_bad!(siocoutqnsd, 0x894B, nix::libc::c_int);
 /// Waits until the socket has sent all but [`DRAINED`] bytes of what it was
 /// given (or until `deadline`): a slot's piece is on the wire before the
 /// slot goes to the next one, so the origin sends few pieces at a time.
+///
+/// The kernel wakes us: for the drain, the socket's unsent low-water mark
+/// is lowered so that it turns writable once at most [`DRAINED`] bytes wait
+/// (a writer is woken below half the mark). Polling the socket every 2 ms
+/// instead cost the seed a wake-up and a syscall per slot that often.
 async fn drain(w: &OwnedWriteHalf, deadline: Instant) {
+    let s: &tokio::net::TcpStream = w.as_ref();
+    let sock = socket2::SockRef::from(s);
+    let lowat = sock.tcp_notsent_lowat().ok();
+    let _ = sock.set_tcp_notsent_lowat(2 * DRAINED as u32);
     while unsent(w).is_some_and(|n| n > DRAINED) && Instant::now() < deadline {
-        tokio::time::sleep(DRAIN_POLL).await;
+        // Forget an old readiness, so that the wait below is for a new one.
+        let _ = s.try_io(tokio::io::Interest::WRITABLE, || {
+            match unsent(w).is_some_and(|n| n > DRAINED) {
+                true => Err(std::io::ErrorKind::WouldBlock.into()),
+                false => Ok(()),
+            }
+        });
+        // A poll that finds the socket full asks the kernel to wake its
+        // writers when space comes (it does not otherwise, unless a write
+        // had to wait).
+        let wait = match poll_writable(s) {
+            // Space came meanwhile: looked at again soon.
+            true => Duration::from_millis(1),
+            false => DRAIN_POLL,
+        };
+        tokio::select! {
+            _ = s.writable(), if wait == DRAIN_POLL => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
     }
+    if let Some(l) = lowat {
+        let _ = sock.set_tcp_notsent_lowat(l);
+    }
+}
+
+/// poll(2) without waiting: the socket takes more bytes now.
+fn poll_writable(s: &tokio::net::TcpStream) -> bool {
+    use nix::libc;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLOUT != 0
 }
 
 /// Bytes the socket holds that it has not sent yet.
