@@ -307,6 +307,10 @@ fn post_action(a: PostAction) -> Result<()> {
                 RebootMode::RB_POWER_OFF
             };
             info!("{a:?} now");
+            // The init's tee carries our stderr to the consoles: give it a
+            // moment, or the last lines (this one) are lost with the reset
+            // and the screen shows the PC stopping mid-task.
+            std::thread::sleep(std::time::Duration::from_secs(1));
             reboot(mode).context("rebooting")?;
             Ok(())
         }
