@@ -20,18 +20,6 @@ fn config() -> String {
     format!("[default_job]\nimage = \"none\"\n{TEST_JOB}")
 }
 
-fn admin(srv: &Server, args: &[&str]) -> (bool, String) {
-    let mut a = vec!["admin", "--server", &srv.url, "--token", "t0ken"];
-    a.extend_from_slice(args);
-    bs(&a)
-}
-
-fn admin_ok(srv: &Server, args: &[&str]) -> String {
-    let (ok, out) = admin(srv, args);
-    assert!(ok, "admin {args:?} failed:\n{out}");
-    out
-}
-
 fn manifest_json(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
 }
@@ -58,7 +46,7 @@ fn deploy_and_compare(srv: &Server, dir: &Path, mac: &str, master: &Path, image_
     let size = std::fs::metadata(master).unwrap().len();
     let tgt = dir.join(format!("pc-{}.img", mac.replace(':', "")));
     blank_target(&tgt, size, true);
-    let out = admin_ok(srv, &["start", "--host", mac, "--image", "lab"]);
+    let out = srv.admin_ok(&["start", "--host", mac, "--image", "lab"]);
     assert!(out.contains("started"), "{out}");
     let mut a = Agent::start(&srv.url, mac, &tgt);
     a.wait_ok(120);
@@ -98,7 +86,7 @@ fn a_master_is_captured_into_the_store_and_deployed() {
     let (disk, local) = master(t.path());
     let before = sha256(&disk);
     let srv = Server::start(t.path(), None, &config());
-    let out = admin_ok(&srv, &["capture", MASTER, "--image", "lab"]);
+    let out = srv.admin_ok(&["capture", MASTER, "--image", "lab"]);
     assert!(
         out.contains("will capture its disk into image lab"),
         "{out}"
@@ -150,9 +138,9 @@ fn a_master_is_captured_into_the_store_and_deployed() {
     deploy_and_compare(&srv, t.path(), PC, &disk, &local);
 
     // The name is taken now: a second capture into it is refused.
-    let (ok, out) = admin(&srv, &["capture", MASTER, "--image", "lab"]);
+    let (ok, out) = srv.admin(&["capture", MASTER, "--image", "lab"]);
     assert!(!ok && out.contains("exists already"), "{out}");
-    let (ok, out) = admin(&srv, &["capture", MASTER, "--image", "../etc"]);
+    let (ok, out) = srv.admin(&["capture", MASTER, "--image", "../etc"]);
     assert!(!ok && out.contains("image name"), "{out}");
 }
 
@@ -210,7 +198,7 @@ fn a_capture_token_is_good_once_for_its_host_only() {
     let t = tempfile::tempdir().unwrap();
     let (_, local) = master(t.path());
     let srv = Server::start(t.path(), None, &config());
-    admin_ok(&srv, &["capture", MASTER, "--image", "lab", "--no-store"]);
+    srv.admin_ok(&["capture", MASTER, "--image", "lab", "--no-store"]);
     let j = job(&srv, MASTER);
     let token = j["capture"]["token"].as_str().unwrap().to_string();
     let url = j["capture"]["upload_url"].as_str().unwrap().to_string();
@@ -264,7 +252,7 @@ fn a_capture_token_is_good_once_for_its_host_only() {
 /// the agent must fail, and nothing may have been uploaded.
 fn refused_capture(dir: &Path, disk: &Path) -> String {
     let srv = Server::start(dir, None, &config());
-    admin_ok(&srv, &["capture", MASTER, "--image", "lab"]);
+    srv.admin_ok(&["capture", MASTER, "--image", "lab"]);
     let mut m = Agent::start(&srv.url, MASTER, disk);
     assert!(
         !wait_exit(&mut m, 60),
@@ -340,7 +328,7 @@ fn a_master_kept_out_of_the_store_is_the_origin_of_a_deployment() {
     let t = tempfile::tempdir().unwrap();
     let (disk, local) = master(t.path());
     let srv = Server::start(t.path(), None, &config());
-    let out = admin_ok(&srv, &["capture", MASTER, "--image", "lab", "--no-store"]);
+    let out = srv.admin_ok(&["capture", MASTER, "--image", "lab", "--no-store"]);
     let capture_id: String = out
         .rsplit("deployment ")
         .next()
@@ -362,7 +350,7 @@ fn a_master_kept_out_of_the_store_is_the_origin_of_a_deployment() {
     let pc_log = std::fs::read_to_string(t.path().join("pc-525400002002.agent.log")).unwrap();
     assert!(!pc_log.contains(&format!(":{}", srv.seed_port)), "{pc_log}");
     // The admin ends the master's task; it stops seeding and exits.
-    admin_ok(&srv, &["stop", &capture_id]);
+    srv.admin_ok(&["stop", &capture_id]);
     m.wait_ok(30);
     assert!(m.log().contains("stopping the seed"), "{}", m.log());
 }
@@ -372,7 +360,7 @@ fn an_interrupted_capture_leaves_no_image() {
     let t = tempfile::tempdir().unwrap();
     let (disk, _) = master(t.path());
     let srv = Server::start(t.path(), None, &config());
-    admin_ok(&srv, &["capture", MASTER, "--image", "lab"]);
+    srv.admin_ok(&["capture", MASTER, "--image", "lab"]);
     // A master capped at 4 MiB/s: the pull of ~55 MiB takes a while.
     let log = t.path().join("master.agent.log");
     let mut m = Proc(
@@ -403,7 +391,7 @@ fn an_interrupted_capture_leaves_no_image() {
     );
     m.0.kill().unwrap();
     m.0.wait().unwrap();
-    admin_ok(&srv, &["stop", "1"]);
+    srv.admin_ok(&["stop", "1"]);
     let t0 = Instant::now();
     while partial.exists() {
         assert!(
@@ -418,7 +406,7 @@ fn an_interrupted_capture_leaves_no_image() {
         .filter(|n| n != ".blockswarm-host-key")
         .collect();
     assert!(names.is_empty(), "{names:?}");
-    let out = admin_ok(&srv, &["images"]);
+    let out = srv.admin_ok(&["images"]);
     assert!(!out.contains("lab"), "{out}");
     let log = std::fs::read_to_string(&srv.log).unwrap();
     assert!(

@@ -96,7 +96,7 @@ fn server_and_four_agents() {
         out.contains("deployment 1: done") && out.contains(&mac(3)),
         "{out}"
     );
-    let out = bs_ok(&["admin", "--server", &srv.url, "--token", "t0ken", "images"]);
+    let out = srv.admin_ok(&["images"]);
     assert!(out.contains("lab") && out.contains("seeding"), "{out}");
     let out = bs_err(&["admin", "--server", &srv.url, "--token", "wrong", "images"]);
     assert!(out.contains("401") && out.contains("bearer token"), "{out}");
@@ -129,9 +129,7 @@ fn waiting_agents_say_why_and_write_nothing() {
     let mut b = Agent::start(&srv.url, &mac(1), &known);
     b.wait_log("no job: no deployment for 52:54:00:00:10:01 is running", 20);
     // Start the deployment from the admin CLI: the known host goes ahead.
-    let out = bs_ok(&[
-        "admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "1",
-    ]);
+    let out = srv.admin_ok(&["start", "--expect", "1"]);
     assert!(out.contains("deployment 1 started"), "{out}");
     b.wait_ok(120);
     assert!(

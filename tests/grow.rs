@@ -200,11 +200,7 @@ fn ext4_last_partition_grows_to_the_end_and_regrows_after_an_incremental_reimage
         format!("image = \"lab\"\nincremental = true\ngrow = \"last\"\n{TEST_JOB}"),
     )
     .unwrap();
-    let admin = |args: &[&str]| {
-        let mut all = vec!["admin", "--server", &srv.url, "--token", "t0ken"];
-        all.extend_from_slice(args);
-        bs_ok(&all);
-    };
+    let admin = |args: &[&str]| srv.admin_ok(args);
     admin(&["set-job", mac, job.to_str().unwrap()]);
     admin(&["start", "--expect", "1"]);
     let mut b = Agent::start(&srv.url, mac, &tgt);
@@ -459,9 +455,7 @@ fn power_cut_while_growing_resumes_and_grows() {
     assert_shows_nothing(&tgt, "killed while growing");
     // The server counted the host imaged once it seeded: the admin
     // re-images it (the PC, network-booted, waits for that).
-    bs_ok(&[
-        "admin", "--server", &srv.url, "--token", "t0ken", "reimage", mac,
-    ]);
+    srv.admin_ok(&["reimage", mac]);
     let mut b = Agent::start(&srv.url, mac, &tgt);
     b.wait_ok(180);
     let log = b.log();

@@ -399,15 +399,7 @@ fn two_pcs_named_from_a_template_with_a_hook() {
             a.log()
         );
         // The hook's output reached the server.
-        let log = bs_ok(&[
-            "admin",
-            "--server",
-            &srv.url,
-            "--token",
-            "t0ken",
-            "log",
-            &mac(slot),
-        ]);
+        let log = srv.admin_ok(&["log", &mac(slot)]);
         assert!(log.contains(&format!("hook sees {name}")), "{log}");
     }
     assert_ne!(ids[0], ids[1], "each PC gets its own machine-id");
@@ -474,20 +466,10 @@ fn failing_and_overrunning_hooks_fail_the_task() {
         "",
         "the killed hook went on"
     );
-    let log = bs_ok(&[
-        "admin",
-        "--server",
-        &srv.url,
-        "--token",
-        "t0ken",
-        "log",
-        &mac(1),
-    ]);
+    let log = srv.admin_ok(&["log", &mac(1)]);
     assert!(log.contains("hook fail.sh: about to fail"), "{log}");
     // The task's error, as the server holds it.
-    let hosts = bs_ok(&[
-        "admin", "--server", &srv.url, "--token", "t0ken", "--json", "hosts",
-    ]);
+    let hosts = srv.admin_ok(&["--json", "hosts"]);
     assert!(
         hosts.contains("hook fail.sh failed with exit code 3"),
         "{hosts}"
@@ -530,17 +512,7 @@ fn bad_templates_and_hook_names_are_refused() {
     }
 
     let srv = Server::start(t.path(), None, "");
-    let e = bs_err(&[
-        "admin",
-        "--server",
-        &srv.url,
-        "--token",
-        "t0ken",
-        "group",
-        "lab",
-        "--hostname",
-        "lab-{host}",
-    ]);
+    let e = srv.admin_err(&["group", "lab", "--hostname", "lab-{host}"]);
     assert!(e.contains("unknown field {host}"), "{e}");
     // The server checks too, whatever the client did.
     let out = Command::new("curl")
@@ -551,21 +523,9 @@ fn bad_templates_and_hook_names_are_refused() {
         .unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains("at most 63"), "{body}");
-    let ok = bs_ok(&[
-        "admin",
-        "--server",
-        &srv.url,
-        "--token",
-        "t0ken",
-        "group",
-        "lab",
-        "--hostname",
-        "lab12-{slot:02}",
-    ]);
+    let ok = srv.admin_ok(&["group", "lab", "--hostname", "lab12-{slot:02}"]);
     assert!(ok.contains("saved"), "{ok}");
-    let v = bs_ok(&[
-        "admin", "--server", &srv.url, "--token", "t0ken", "--json", "groups",
-    ]);
+    let v = srv.admin_ok(&["--json", "groups"]);
     assert!(v.contains("lab12-{slot:02}"), "{v}");
     for name in ["..%2Fserver.toml", ".hidden", "a%20b"] {
         let (code, _) = http_get(&format!("{}/hooks/{name}", srv.url));

@@ -47,12 +47,7 @@ fn a_server_given_only_the_torrent_pulls_the_image_from_another() {
     std::fs::write(b_dir.join("images/lab.torrent"), &torrent).unwrap();
     // C: `admin images add URL`, with A's seed named as a peer too.
     let c = Server::start(&c_dir, None, "");
-    let said = bs_ok(&[
-        "admin",
-        "--server",
-        &c.url,
-        "--token",
-        "t0ken",
+    let said = c.admin_ok(&[
         "images",
         "add",
         &torrent_url,
@@ -61,16 +56,7 @@ fn a_server_given_only_the_torrent_pulls_the_image_from_another() {
     ]);
     assert!(said.contains("pulls image lab"), "{said}");
     // A second add of the same image is refused while it is pulled.
-    let again = bs_err(&[
-        "admin",
-        "--server",
-        &c.url,
-        "--token",
-        "t0ken",
-        "images",
-        "add",
-        &torrent_url,
-    ]);
+    let again = c.admin_err(&["images", "add", &torrent_url]);
     assert!(
         again.contains("being pulled already") || again.contains("exists already"),
         "{again}"
@@ -105,16 +91,7 @@ fn a_torrent_that_is_not_an_image_is_refused_with_its_reason() {
         b"d4:infod6:lengthi5e4:name1:x12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee",
     )
     .unwrap();
-    let e = bs_err(&[
-        "admin",
-        "--server",
-        &srv.url,
-        "--token",
-        "t0ken",
-        "images",
-        "add",
-        file.to_str().unwrap(),
-    ]);
+    let e = srv.admin_err(&["images", "add", file.to_str().unwrap()]);
     assert!(
         e.contains("single-file torrent without the image's manifest"),
         "{e}"

@@ -138,20 +138,9 @@ fn incremental_reimaging_fetches_only_changes() {
     .unwrap();
     blank_target(&tgts[2], size, false);
     for m in macs {
-        bs_ok(&[
-            "admin",
-            "--server",
-            &srv.url,
-            "--token",
-            "t0ken",
-            "set-job",
-            m,
-            job.to_str().unwrap(),
-        ]);
+        srv.admin_ok(&["set-job", m, job.to_str().unwrap()]);
     }
-    bs_ok(&[
-        "admin", "--server", &srv.url, "--token", "t0ken", "start", "--expect", "3",
-    ]);
+    srv.admin_ok(&["start", "--expect", "3"]);
     let t1 = Instant::now();
     let mut agents: Vec<Agent> = (0..3)
         .map(|i| Agent::start(&srv.url, macs[i], &tgts[i]))

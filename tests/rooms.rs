@@ -34,12 +34,6 @@ fn room(members: &[&str], extra: &str, seed: bool) -> String {
     )
 }
 
-fn admin(srv: &Server, args: &[&str]) -> String {
-    let mut a = vec!["admin", "--server", &srv.url, "--token", "t0ken"];
-    a.extend_from_slice(args);
-    bs_ok(&a)
-}
-
 fn boot_script(srv: &Server, mac: &str, platform: &str) -> String {
     let (code, body) = http_get(&format!(
         "{}/boot.ipxe?mac={}&platform={platform}",
@@ -69,7 +63,7 @@ fn a_pc_is_imaged_once_then_boots_its_disk_and_strangers_never_join() {
         s.contains("sanboot --no-describe --drive 0x80") && !s.contains("kernel "),
         "{s}"
     );
-    let out = admin(&srv, &["start", "--group", "room-19"]);
+    let out = srv.admin_ok(&["start", "--group", "room-19"]);
     assert!(out.contains("deployment 1 started"), "{out}");
     // Now they boot the agent; an unknown PC boots its disk (UEFI: exit),
     // even though a default job exists.
@@ -99,12 +93,12 @@ fn a_pc_is_imaged_once_then_boots_its_disk_and_strangers_never_join() {
     let (code, why) = job_error(&srv, A);
     assert_eq!(code, 404, "{why}");
     // Its log is on the server.
-    let log = admin(&srv, &["log", A]);
+    let log = srv.admin_ok(&["log", A]);
     assert!(log.contains(&format!("agent for {A}")), "{log}");
     assert!(log.contains("deployment 1"), "{log}");
     // The admin sees who is who, and can ask for A again.
     let hosts: serde_json::Value =
-        serde_json::from_str(&admin(&srv, &["--json", "hosts"])).unwrap();
+        serde_json::from_str(&srv.admin_ok(&["--json", "hosts"])).unwrap();
     let find = |m: &str| {
         hosts
             .as_array()
@@ -117,7 +111,7 @@ fn a_pc_is_imaged_once_then_boots_its_disk_and_strangers_never_join() {
     assert_eq!(find(STRANGER)["registered"], false);
     assert_eq!(find(A)["task"]["task"], "done");
     assert_eq!(find(B)["task"]["task"], "pending");
-    let out = admin(&srv, &["reimage", A]);
+    let out = srv.admin_ok(&["reimage", A]);
     assert!(out.contains("deployment 2"), "{out}");
     assert!(boot_script(&srv, A, "pcbios").contains("kernel "));
     drop(s_agent);
@@ -136,7 +130,7 @@ fn a_server_killed_mid_deployment_carries_on_with_the_same_deployment() {
     let cfg = room(&[A, B, C], "seed_upload_limit = \"6M\"", true);
     let srv = Server::start(t.path(), None, &cfg);
     srv.wait_seeding("lab");
-    admin(&srv, &["start", "--group", "room-19"]);
+    srv.admin_ok(&["start", "--group", "room-19"]);
     let (port, seed_port) = (srv.port, srv.seed_port);
     let mut agents: Vec<(Agent, PathBuf)> = [A, B, C]
         .iter()
@@ -172,10 +166,10 @@ fn a_server_killed_mid_deployment_carries_on_with_the_same_deployment() {
     assert_eq!(v["done"], true, "{v}");
     assert_eq!(v["tasks"]["done"], 3, "{v}");
     // The history has it once, and ids go on.
-    let h: serde_json::Value = serde_json::from_str(&admin(&srv, &["--json", "history"])).unwrap();
+    let h: serde_json::Value = serde_json::from_str(&srv.admin_ok(&["--json", "history"])).unwrap();
     assert_eq!(h.as_array().unwrap().len(), 1, "{h}");
     assert_eq!(h[0]["state"], "done", "{h}");
-    let out = admin(&srv, &["start", "--host", A]);
+    let out = srv.admin_ok(&["start", "--host", A]);
     assert!(out.contains("deployment 2 started"), "{out}");
 }
 
@@ -214,8 +208,8 @@ fn two_rooms_deploy_two_images_at_once() {
     let srv = Server::start(t.path(), None, &cfg);
     srv.wait_seeding("win");
     srv.wait_seeding("linux");
-    let a = admin(&srv, &["start", "--group", "room-a"]);
-    let b = admin(&srv, &["start", "--group", "room-b"]);
+    let a = srv.admin_ok(&["start", "--group", "room-a"]);
+    let b = srv.admin_ok(&["start", "--group", "room-b"]);
     assert!(
         a.contains("deployment 1 started") && b.contains("deployment 2 started"),
         "{a}{b}"
@@ -235,7 +229,7 @@ fn two_rooms_deploy_two_images_at_once() {
     }
     for id in [1, 2] {
         let v: serde_json::Value =
-            serde_json::from_str(&admin(&srv, &["--json", "status", &id.to_string()])).unwrap();
+            serde_json::from_str(&srv.admin_ok(&["--json", "status", &id.to_string()])).unwrap();
         assert_eq!(v["done"], true, "{v}");
         assert_eq!(v["tasks"]["done"], 2, "{v}");
     }

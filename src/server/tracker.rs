@@ -296,8 +296,9 @@ impl Tracker {
                 .collect();
             // Finished peers first, then the one that announced longest ago:
             // each announce moves a peer back, so the choice rotates.
-            hosts.sort_unstable_by_key(|p| (p.left != 0, p.seen));
-            guests.sort_unstable_by_key(|p| (p.left != 0, p.seen));
+            let order = |p: &&Peer| (p.left != 0, p.seen);
+            first_sorted(&mut hosts, a.numwant, order);
+            first_sorted(&mut guests, a.numwant, order);
             let mut seen = HashSet::from([me.addr]);
             listed = origin
                 .into_iter()
@@ -505,6 +506,20 @@ fn percent_decode(s: &str) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+/// The first `n` of `v` by `key`, sorted, and nothing else: a partial
+/// select, so that an answer costs O(hosts), not a sort of every host.
+fn first_sorted<T, K: Ord>(v: &mut Vec<T>, n: usize, key: impl Fn(&T) -> K) {
+    if n == 0 {
+        v.clear();
+        return;
+    }
+    if v.len() > n {
+        v.select_nth_unstable_by_key(n - 1, &key);
+        v.truncate(n);
+    }
+    v.sort_unstable_by_key(key);
 }
 
 #[cfg(test)]

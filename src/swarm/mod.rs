@@ -25,6 +25,7 @@ mod outbox;
 mod peer;
 pub mod picker;
 mod session;
+mod spread;
 mod torrent;
 mod trust;
 mod verified;

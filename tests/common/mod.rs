@@ -292,7 +292,31 @@ pub struct Server {
     pub log: PathBuf,
 }
 
+/// The admin token of every test server (see [`Server::start_on`]).
+pub const ADMIN_TOKEN: &str = "t0ken";
+
 impl Server {
+    /// `blockswarm admin ARGS` against this server, with its token:
+    /// (succeeded, stderr and stdout).
+    pub fn admin(&self, args: &[&str]) -> (bool, String) {
+        let mut a = vec!["admin", "--server", &self.url, "--token", ADMIN_TOKEN];
+        a.extend_from_slice(args);
+        bs(&a)
+    }
+
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.admin(args);
+        assert!(ok, "admin {args:?} failed:\n{out}");
+        out
+    }
+
+    pub fn admin_err(&self, args: &[&str]) -> String {
+        let (ok, out) = self.admin(args);
+        assert!(!ok, "admin {args:?} should have failed:\n{out}");
+        assert!(!out.contains("panicked"), "admin {args:?} panicked:\n{out}");
+        out
+    }
+
     /// `extra` is appended to the generated server.toml.
     pub fn start(dir: &Path, deploy: Option<usize>, extra: &str) -> Server {
         Self::start_on(dir, deploy, extra, free_port(), free_port())

@@ -431,3 +431,25 @@ fn rooms_keep_the_swarm_bounded() {
     }
     assert_eq!(t.lock()[&H].hosts.len(), MAX_HOSTS);
 }
+
+#[test]
+fn the_first_hosts_are_those_a_full_sort_puts_first() {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for len in [0usize, 1, 2, 5, 50, 300] {
+        let v: Vec<(bool, u64)> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x & 1 == 0, x % 17)
+            })
+            .collect();
+        let mut all = v.clone();
+        all.sort_unstable();
+        for n in [0usize, 1, 3, 50, 400] {
+            let mut got = v.clone();
+            first_sorted(&mut got, n, |p| *p);
+            assert_eq!(got, all[..n.min(len)], "len {len}, n {n}");
+        }
+    }
+}
