@@ -25,7 +25,6 @@ mod outbox;
 mod peer;
 pub mod picker;
 mod session;
-mod spread;
 mod torrent;
 mod trust;
 mod verified;

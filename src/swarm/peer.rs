@@ -50,13 +50,6 @@ const NOTSENT_PIECES: u64 = 1;
 /// queued in the outbox can be cancelled (a copy that came from elsewhere)
 /// instead of going out behind the ones already in the socket.
 const HOST_NOTSENT: u32 = WRITE_BATCH as u32;
-/// A piece a peer said it is busy with (see [`super::spread`]) is not asked
-/// of it again for this long: by then another host holds it, or the peer
-/// has room for one more.
-const BUSY_BACKOFF: Duration = Duration::from_millis(500);
-/// Pieces a connection remembers having been admitted to, or told busy
-/// about (each list).
-const SPREAD_MEMORY: usize = 64;
 /// The reader's buffer for small messages.
 const READ_BUFFER: usize = 4 << 10;
 /// A frame's rest at least this long is waited for whole (see [`read_message`]).
@@ -291,7 +284,6 @@ impl Fetch {
 struct Driver {
     addr: SocketAddr,
     id: PeerId,
-    conn: u64,
     t: Arc<Shared>,
     out: Arc<Outbox>,
     bits: PeerPieces,
@@ -319,13 +311,6 @@ struct Driver {
     last_data: Instant,
     /// See the torrent's peer entries.
     activity: Arc<AtomicU64>,
-    /// Pieces this host is passing on to the peer (see [`super::spread`]),
-    /// until it announces them.
-    serving: VecDeque<usize>,
-    /// Pieces the peer was told we are busy with, and when.
-    told_busy: VecDeque<(usize, Instant)>,
-    /// Pieces the peer said it is busy with, and when.
-    busy: VecDeque<(usize, Instant)>,
 }
 
 impl Driver {
@@ -342,7 +327,6 @@ impl Driver {
         Self {
             addr,
             id,
-            conn: reg.conn,
             t,
             out,
             bits: PeerPieces::new(n),
@@ -359,9 +343,6 @@ impl Driver {
             outstanding: 0,
             last_data: Instant::now(),
             activity: reg.activity.clone(),
-            serving: VecDeque::new(),
-            told_busy: VecDeque::new(),
-            busy: VecDeque::new(),
         }
     }
 
@@ -454,9 +435,7 @@ impl Driver {
             Message::Have(p) => {
                 self.peer_has([p.get()].into_iter());
                 self.update_interest();
-                self.served(p.get());
             }
-            Message::Busy(p) => self.on_busy(p),
             Message::Claim(p) => {
                 self.refresh_host();
                 if self.host.load(Ordering::Relaxed) {
@@ -469,11 +448,7 @@ impl Driver {
                 self.peer_has(b.iter_set());
                 self.update_interest();
             }
-            Message::Request(b) => {
-                if self.admits(b.piece()) {
-                    self.out.request(b).map_err(Misbehaved)?;
-                }
-            }
+            Message::Request(b) => self.out.request(b).map_err(Misbehaved)?,
             Message::Cancel(b) => self.out.cancel(&b),
             Message::Piece(b) => {
                 let data = frame
@@ -488,72 +463,6 @@ impl Driver {
             | Message::Other(_) => {}
         }
         Ok(())
-    }
-
-    /// Whether the peer's request for a block of `p` is served now; if not,
-    /// it was told we are busy with `p` (see [`super::spread`]).
-    fn admits(&mut self, p: PieceIndex) -> bool {
-        let i = p.get();
-        // The seed has its upload slots; other clients know no "busy"; a
-        // piece we lack is refused by the writer anyway.
-        if self.t.slots.is_some()
-            || !self.host.load(Ordering::Relaxed)
-            || self.serving.contains(&i)
-            || !self.t.has(p)
-        {
-            return true;
-        }
-        let now = Instant::now();
-        if self.t.spread.admit(i, self.conn, now.into_std()) {
-            if self.serving.len() >= SPREAD_MEMORY
-                && let Some(old) = self.serving.pop_front()
-            {
-                self.t.spread.done(old, self.conn);
-            }
-            self.serving.push_back(i);
-            return true;
-        }
-        // Once per piece and back-off: its other blocks' requests come
-        // right behind the first.
-        while self.told_busy.front().is_some_and(|&(_, at)| {
-            at + BUSY_BACKOFF <= now || self.told_busy.len() >= SPREAD_MEMORY
-        }) {
-            self.told_busy.pop_front();
-        }
-        if !self.told_busy.iter().any(|&(j, _)| j == i) {
-            self.told_busy.push_back((i, now));
-            self.out.control(&out::busy(p));
-        }
-        false
-    }
-
-    /// The peer holds `piece` now: its place among the piece's serves goes
-    /// to the next.
-    fn served(&mut self, piece: usize) {
-        if let Some(k) = self.serving.iter().position(|&i| i == piece) {
-            self.serving.remove(k);
-            self.t.spread.done(piece, self.conn);
-        }
-    }
-
-    /// The peer is busy with `p`, and dropped our requests for it: asked of
-    /// whoever else holds it, and of this peer again after [`BUSY_BACKOFF`].
-    /// A piece whose blocks have begun to come is kept (a peer that says
-    /// busy after serving is confused; its blocks are still welcome).
-    fn on_busy(&mut self, p: PieceIndex) {
-        let Some(pos) = self
-            .fetches
-            .iter()
-            .position(|f| f.index == p && f.received == 0)
-        else {
-            return;
-        };
-        let f = self.fetches.swap_remove(pos);
-        self.abandon(f, false);
-        if self.busy.len() >= SPREAD_MEMORY {
-            self.busy.pop_front();
-        }
-        self.busy.push_back((p.get(), Instant::now()));
     }
 
     fn peer_has(&mut self, pieces: impl Iterator<Item = usize>) {
@@ -613,16 +522,7 @@ impl Driver {
             if self.fetches.len() >= max_fetches || !self.t.reserve_memory() {
                 break;
             }
-            while self
-                .busy
-                .front()
-                .is_some_and(|&(_, at)| at.elapsed() >= BUSY_BACKOFF)
-            {
-                self.busy.pop_front();
-            }
-            let fetching: Vec<usize> = (self.fetches.iter().map(|f| f.index.get()))
-                .chain(self.busy.iter().map(|&(i, _)| i))
-                .collect();
+            let fetching: Vec<usize> = self.fetches.iter().map(|f| f.index.get()).collect();
             let picked = self
                 .t
                 .picker()
@@ -798,16 +698,11 @@ impl Driver {
         if let Some(c) = self.early {
             p.peer_left(c);
         }
-        drop(p);
-        for i in std::mem::take(&mut self.serving) {
-            self.t.spread.done(i, self.conn);
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::spread::SERVES_PER_PIECE;
     use super::*;
 
     fn driver(t: &Arc<Shared>, id: PeerId, addr: SocketAddr, out: Arc<Outbox>) -> (Driver, u64) {
@@ -918,95 +813,5 @@ mod tests {
             sent().windows(9).any(|w| w == out::claim(p(3))),
             "it never heard of our claim"
         );
-    }
-
-    #[tokio::test]
-    async fn a_piece_is_passed_on_to_two_hosts_at_a_time_and_the_third_hears_busy() {
-        let t = Shared::for_test(4, 1 << 16);
-        let p = |i| t.lengths.piece(i).unwrap();
-        t.piece_done(p(2), false, Arc::new(vec![0; 1 << 16]));
-        let hosts: Vec<(Driver, Arc<Outbox>)> = (1..=3u8)
-            .map(|k| {
-                let addr: SocketAddr = format!("127.0.0.{}:7000", k + 1).parse().unwrap();
-                t.trust.extend([addr.ip()]);
-                let out = Arc::new(Outbox::new(1 << 20));
-                let (mut d, _) = driver(&t, [k; 20], addr, out.clone());
-                d.refresh_host();
-                (d, out)
-            })
-            .collect();
-        let mut hosts = hosts;
-        let block = |o: u32| t.lengths.block(p(2), o, BLOCK).unwrap();
-        let queued = |out: &Outbox| {
-            let (mut c, mut q) = (Vec::new(), Vec::new());
-            out.take(true, false, usize::MAX, &mut c, &mut q);
-            (c, q)
-        };
-        for (d, _) in &mut hosts {
-            for o in [0, BLOCK] {
-                d.handle((Message::Request(block(o)), None)).await.unwrap();
-            }
-        }
-        let busy = out::busy(p(2));
-        for (k, (_, out)) in hosts.iter().enumerate() {
-            let (c, q) = queued(out);
-            let told = c.windows(busy.len()).filter(|w| *w == busy).count();
-            if k < SERVES_PER_PIECE {
-                assert_eq!(q.len(), 2, "host {k}'s requests were dropped");
-                assert_eq!(told, 0);
-            } else {
-                assert!(q.is_empty(), "host {k} was served piece 2 as well");
-                assert_eq!(told, 1, "host {k} heard busy {told} times");
-            }
-        }
-        // The first host holds it now: the third is served when it asks again.
-        hosts[0]
-            .0
-            .handle((Message::Have(p(2)), None))
-            .await
-            .unwrap();
-        let (d, out) = &mut hosts[2];
-        d.handle((Message::Request(block(0)), None)).await.unwrap();
-        assert_eq!(queued(out).1, vec![block(0)]);
-    }
-
-    #[tokio::test]
-    async fn a_busy_peer_is_not_asked_for_that_piece_again_at_once_but_others_are() {
-        let t = Shared::for_test(4, 1 << 16);
-        let p = |i| t.lengths.piece(i).unwrap();
-        let (a, b): (SocketAddr, SocketAddr) = (
-            "127.0.0.2:7000".parse().unwrap(),
-            "127.0.0.3:7000".parse().unwrap(),
-        );
-        let (mut da, _) = driver(&t, [8; 20], a, Arc::new(Outbox::new(1 << 20)));
-        let (mut db, _) = driver(&t, [9; 20], b, Arc::new(Outbox::new(1 << 20)));
-        da.peer_has([1].into_iter());
-        da.update_interest();
-        da.fill();
-        assert_eq!(
-            da.fetches.iter().map(|f| f.index.get()).collect::<Vec<_>>(),
-            vec![1]
-        );
-        da.handle((Message::Busy(p(1)), None)).await.unwrap();
-        assert!(
-            da.fetches.is_empty(),
-            "the busy piece is still asked of its peer"
-        );
-        assert_eq!(t.picker().inflight(1), 0);
-        assert_eq!(da.outstanding, 0);
-        da.fill();
-        assert!(da.fetches.is_empty(), "asked the busy peer again at once");
-        db.peer_has([1].into_iter());
-        db.update_interest();
-        db.fill();
-        assert_eq!(
-            db.fetches.iter().map(|f| f.index.get()).collect::<Vec<_>>(),
-            vec![1]
-        );
-        // A busy for a piece not asked of it, or one coming already, changes nothing.
-        db.handle((Message::Busy(p(3)), None)).await.unwrap();
-        db.fetches[0].received = 1;
-        db.handle((Message::Busy(p(1)), None)).await.unwrap();
-        assert_eq!(db.fetches.len(), 1);
     }
 }

@@ -502,8 +502,7 @@ impl Picker {
 
     /// The next piece to fetch from `peer`, marked in flight; `None` if the
     /// peer has nothing useful that is not already coming. Never one of
-    /// `fetching`: the pieces already being fetched from this peer, and
-    /// those it said it is busy with (see [`super::spread`]).
+    /// `fetching`, the pieces already being fetched from this peer.
     pub fn pick_except(
         &mut self,
         peer: &mut PeerPieces,
@@ -516,13 +515,13 @@ impl Picker {
             // free: it helps spread the rarest ones.
             self.pick_origin(&peer.bits).or_else(|| {
                 if self.all_out() {
-                    self.pick_rarest(peer, fetching)
+                    self.pick_rarest(peer)
                 } else {
                     None
                 }
             })
         } else {
-            self.pick_rarest(peer, fetching)
+            self.pick_rarest(peer)
         }
         .or_else(|| self.pick_duplicate(peer, origin, fetching))?;
         if self.inflight[p] == 0 {
@@ -595,7 +594,7 @@ impl Picker {
         Some((start + best_len / 3 + jitter) % n)
     }
 
-    fn pick_rarest(&mut self, peer: &PeerPieces, except: &[usize]) -> Option<usize> {
+    fn pick_rarest(&mut self, peer: &PeerPieces) -> Option<usize> {
         let n = peer.wanted.len();
         if n == 0 {
             return None;
@@ -604,10 +603,7 @@ impl Picker {
         let mut best: Option<(u32, usize)> = None;
         for k in 0..n {
             let i = peer.wanted[(from + k) % n];
-            if self.free(i, &peer.bits, false)
-                && best.is_none_or(|(a, _)| self.avail[i] < a)
-                && !except.contains(&i)
-            {
+            if self.free(i, &peer.bits, false) && best.is_none_or(|(a, _)| self.avail[i] < a) {
                 best = Some((self.avail[i], i));
             }
         }

@@ -17,7 +17,6 @@ use tracing::{debug, warn};
 use super::limit::Limiter;
 use super::outbox::Outbox;
 use super::picker::{Bits, Picker};
-use super::spread::Spread;
 use super::trust::{Trust, canonical};
 use super::verified::Verified;
 use super::wire::{Lengths, PieceIndex, out};
@@ -147,8 +146,6 @@ pub(crate) struct Shared {
     /// Every piece this host claimed, for the hosts the server vouches for
     /// only later (see [`Shared::now_a_host`]).
     own_claims: Mutex<Vec<PieceIndex>>,
-    /// Which hosts this one is passing which pieces on to.
-    pub(super) spread: Spread,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -195,7 +192,6 @@ impl Shared {
             verified: Verified::new(VERIFIED_MEMORY.max(p.lengths.piece_len() as usize)),
             mismatched: Mutex::default(),
             own_claims: Mutex::default(),
-            spread: Spread::default(),
         }
     }
 

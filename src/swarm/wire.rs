@@ -19,10 +19,6 @@ pub const HANDSHAKE_LEN: usize = 68;
 /// this piece from the origin", so that they leave it to us there. Other
 /// clients skip ids they do not know.
 pub const CLAIM_ID: u8 = 0xB5;
-/// Our own message, sent only to other blockswarm hosts: "I dropped your
-/// requests for this piece: others are fetching it from me already; ask
-/// whoever holds it next" (see [`super::peer`]'s serving gate).
-pub const BUSY_ID: u8 = 0xB6;
 /// Length prefix, id, index and begin of a piece message: its block starts
 /// here in the frame.
 pub const PIECE_HEADER: usize = 13;
@@ -170,8 +166,6 @@ pub enum Message {
     Piece(Block),
     /// See [`CLAIM_ID`].
     Claim(PieceIndex),
-    /// See [`BUSY_ID`].
-    Busy(PieceIndex),
     /// An id outside BEP 3 (an extension we never announced): skipped.
     Other(u8),
 }
@@ -247,17 +241,12 @@ pub fn decode(frame: &[u8], l: &Lengths) -> Result<Message, WireError> {
             })
     };
     match id {
-        CLAIM_ID | BUSY_ID => {
-            let what = if id == CLAIM_ID { "claim" } else { "busy" };
+        CLAIM_ID => {
             let i = <[u8; 4]>::try_from(rest).map_err(|_| WireError::Malformed {
                 id,
-                why: format!("a {what} of {} bytes", rest.len()),
+                why: format!("a claim of {} bytes", rest.len()),
             })?;
-            let p = piece(what, u32::from_be_bytes(i))?;
-            return Ok(match id {
-                CLAIM_ID => Message::Claim(p),
-                _ => Message::Busy(p),
-            });
+            return Ok(Message::Claim(piece("claim", u32::from_be_bytes(i))?));
         }
         9.. => return Ok(Message::Other(id)),
         _ => {}
@@ -366,15 +355,7 @@ pub mod out {
     }
 
     pub fn claim(p: PieceIndex) -> Vec<u8> {
-        ours(CLAIM_ID, p)
-    }
-
-    pub fn busy(p: PieceIndex) -> Vec<u8> {
-        ours(BUSY_ID, p)
-    }
-
-    fn ours(id: u8, p: PieceIndex) -> Vec<u8> {
-        let mut m = vec![0, 0, 0, 5, id];
+        let mut m = vec![0, 0, 0, 5, CLAIM_ID];
         m.extend_from_slice(&p.0.to_be_bytes());
         m
     }
@@ -445,7 +426,6 @@ mod tests {
             decode(&frame(CLAIM_ID, &2u32.to_be_bytes()), &l),
             Ok(Message::Claim(p(2)))
         );
-        assert_eq!(decode(&out::busy(p(7)), &l), Ok(Message::Busy(p(7))));
         assert_eq!(decode(&frame(20, b"d1:md"), &l), Ok(Message::Other(20)));
         let bf = decode(&frame(5, &[0b1010_0000, 0b0100_0000]), &l).unwrap();
         let Message::Bitfield(b) = bf else {
@@ -470,8 +450,6 @@ mod tests {
             ),
             (frame(CLAIM_ID, &99u32.to_be_bytes()), "claim of piece 99"),
             (frame(CLAIM_ID, &[1, 2]), "a claim of 2 bytes"),
-            (frame(BUSY_ID, &10u32.to_be_bytes()), "busy of piece 10"),
-            (frame(BUSY_ID, &[1]), "a busy of 1 bytes"),
             (req(6, 10, 0, 16384), "request of piece 10"),
             // begin + len overflows a u32.
             (
@@ -521,7 +499,7 @@ mod tests {
             let len = (f.len() - 4) as u32;
             if n % 2 == 0 {
                 f[..4].copy_from_slice(&len.to_be_bytes());
-                f[4] = [4, 5, 6, 7, 8, CLAIM_ID, BUSY_ID][n % 7];
+                f[4] = [4, 5, 6, 7, 8, CLAIM_ID][n % 6];
             }
             let _ = decode(&f, &l);
         }
