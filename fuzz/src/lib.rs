@@ -17,7 +17,8 @@ use blockswarm::image::manifest::Manifest;
 use blockswarm::image::{self, Image, table};
 use blockswarm::protocol::Job;
 use blockswarm::server::config::ServerConfig;
-use blockswarm::server::tracker::Tracker;
+use blockswarm::server::tracker::room::Locality;
+use blockswarm::server::tracker::{Tracker, Vouched};
 use blockswarm::swarm::wire::{self, Lengths, Message};
 use librqbit_core::torrent_metainfo::torrent_from_bytes;
 
@@ -155,10 +156,16 @@ fn torrent(data: &[u8]) {
     show("check", &r);
     if r.is_ok() {
         // agent::verify and swarm::Torrent::add index the piece hashes by
-        // the manifest's piece count once `check` passed.
+        // the manifest's piece count, after the manifest's own pieces, once
+        // `check` passed.
         let t = torrent_from_bytes(data).expect("a checked torrent parses");
         let hashes = t.info.data.pieces.as_ref();
-        assert_eq!(hashes.len() as u64, m.payload.piece_count * 20);
+        let l = image::torrent::layout(data).expect("a checked torrent has the layout");
+        assert_eq!(
+            hashes.len() as u64,
+            (l.prefix_pieces() + m.payload.piece_count) * 20
+        );
+        assert_eq!(l.payload_pieces().len() as u64, m.payload.piece_count * 20);
     }
 }
 
@@ -334,14 +341,18 @@ fn tracker_query(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let t = Tracker::new(Duration::from_secs(5));
+    let t = Tracker::new(Duration::from_secs(5), Locality::default());
     t.set_images([(KNOWN_HASH, true)]);
     let origin = "10.0.0.9:6881".parse().ok();
     for (k, q) in text.lines().enumerate() {
         // From a few addresses, so that the per-address caps come into play.
         let remote = IpAddr::from([10, 0, 0, 1 + (k % 5) as u8]);
+        // The host is in a group (its room) on some lines, by subnet on others.
         let body = t.announce(q, remote, origin, |tok| {
-            (tok == HOST_TOKEN).then(|| "52:54:00:00:00:01".to_string())
+            (tok == HOST_TOKEN).then(|| Vouched {
+                host: "52:54:00:00:00:01".to_string(),
+                group: (k % 2 == 0).then(|| "room-1".to_string()),
+            })
         });
         show(
             "announce",
