@@ -26,6 +26,9 @@ pub struct Outbox {
 #[derive(Default)]
 struct State {
     control: Vec<u8>,
+    /// Of `control`, messages that wait for [`Outbox::flush_later`] (or any
+    /// other write) to go out.
+    later: bool,
     requests: VecDeque<Block>,
     /// Why the connection must end: a bound was passed.
     broken: Option<String>,
@@ -49,21 +52,40 @@ impl Outbox {
 
     /// Queues a message of ours.
     pub fn control(&self, bytes: &[u8]) {
-        {
-            let mut s = self.lock();
-            if s.broken.is_some() {
-                return;
-            }
-            if s.control.len() + bytes.len() > self.control_cap {
-                s.broken = Some(format!(
-                    "{} bytes of our messages wait unsent: the peer does not read",
-                    s.control.len()
-                ));
-            } else {
-                s.control.extend_from_slice(bytes);
-            }
-        }
+        self.push(bytes, false);
         self.wake.notify_one();
+    }
+
+    /// Queues a message of ours that may wait a little: it goes out with
+    /// the next write, or at [`Outbox::flush_later`]. A have to each of N − 1
+    /// peers per piece, each woken for it and written alone, cost every host
+    /// a wake-up and a syscall per peer and piece on both ends.
+    pub fn control_later(&self, bytes: &[u8]) {
+        self.push(bytes, true);
+    }
+
+    fn push(&self, bytes: &[u8], later: bool) {
+        let mut s = self.lock();
+        if s.broken.is_some() {
+            return;
+        }
+        if s.control.len() + bytes.len() > self.control_cap {
+            s.broken = Some(format!(
+                "{} bytes of our messages wait unsent: the peer does not read",
+                s.control.len()
+            ));
+        } else {
+            s.control.extend_from_slice(bytes);
+            s.later |= later;
+        }
+    }
+
+    /// Wakes the writer if messages queued with [`Outbox::control_later`]
+    /// wait.
+    pub fn flush_later(&self) {
+        if std::mem::take(&mut self.lock().later) {
+            self.wake.notify_one();
+        }
     }
 
     /// Queues a block the peer asked for; past [`MAX_QUEUED`], the
@@ -117,6 +139,7 @@ impl Outbox {
     ) {
         let mut s = self.lock();
         control.append(&mut s.control);
+        s.later = false;
         out.clear();
         let mut len = 0;
         while blocks && len < max {
@@ -161,6 +184,36 @@ mod tests {
         let (mut c, mut q) = (Vec::new(), Vec::new());
         o.take(true, true, 1 << 20, &mut c, &mut q);
         assert_eq!(c.len(), 60);
+    }
+
+    #[tokio::test]
+    async fn later_messages_wait_for_a_flush_or_another_write() {
+        // A stored wake-up completes the wait at its first poll.
+        async fn woken(o: &Outbox) -> bool {
+            let zero = std::time::Duration::ZERO;
+            tokio::time::timeout(zero, o.changed()).await.is_ok()
+        }
+        let o = Outbox::new(1000);
+        o.control_later(&[1]);
+        o.control_later(&[2]);
+        assert!(!woken(&o).await, "a later message woke the writer");
+        assert_eq!(o.peek(), (None, true), "the writer would not take it along");
+        o.flush_later();
+        assert!(woken(&o).await);
+        o.flush_later();
+        assert!(
+            !woken(&o).await,
+            "a flush with nothing waiting woke the writer"
+        );
+        // Taken along by a write of another message: no flush wake after it.
+        o.control_later(&[3]);
+        o.control(&[4]);
+        assert!(woken(&o).await);
+        let (mut c, mut q) = (Vec::new(), Vec::new());
+        o.take(false, false, 0, &mut c, &mut q);
+        assert_eq!(c, vec![1, 2, 3, 4]);
+        o.flush_later();
+        assert!(!woken(&o).await);
     }
 
     #[test]

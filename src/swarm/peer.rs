@@ -814,4 +814,33 @@ mod tests {
             "it never heard of our claim"
         );
     }
+
+    #[tokio::test]
+    async fn a_relayed_piece_s_have_waits_an_origin_piece_s_and_the_last_go_at_once() {
+        let t = Shared::for_test(3, 1 << 16);
+        let p = |i| t.lengths.piece(i).unwrap();
+        let out = Arc::new(Outbox::new(1 << 20));
+        let _d = driver(&t, [9; 20], "127.0.0.2:7000".parse().unwrap(), out.clone());
+        async fn woken(o: &Outbox) -> bool {
+            let zero = Duration::ZERO;
+            tokio::time::timeout(zero, o.changed()).await.is_ok()
+        }
+        let sent = || {
+            let (mut c, mut q) = (Vec::new(), Vec::new());
+            out.take(false, false, 0, &mut c, &mut q);
+            c
+        };
+        let piece = || Arc::new(vec![0; 1 << 16]);
+        t.piece_done(p(0), false, piece());
+        assert!(!woken(&out).await, "a relayed piece's have woke the writer");
+        out.flush_later();
+        assert!(woken(&out).await);
+        assert_eq!(sent(), out::have(p(0)));
+        t.piece_done(p(1), true, piece());
+        assert!(woken(&out).await, "an origin piece's have waited");
+        assert_eq!(sent(), out::have(p(1)));
+        t.piece_done(p(2), false, piece());
+        assert!(woken(&out).await, "the last piece's have waited");
+        assert_eq!(sent(), out::have(p(2)));
+    }
 }

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::limit::Limiter;
 use super::peer::{self, Misbehaved};
-use super::torrent::{MAX_PEERS, Params, Shared, State, Torrent, rates_loop};
+use super::torrent::{MAX_PEERS, Params, Shared, State, Torrent, haves_loop, rates_loop};
 use super::trust::canonical;
 use super::wire::{Lengths, handshake};
 use super::writer::Slots;
@@ -199,6 +199,7 @@ impl SwarmSession {
                 }
                 jobs.spawn(connect_loop(dialer, peers_rx));
                 jobs.spawn(rates_loop(t.clone()));
+                jobs.spawn(haves_loop(t.clone()));
                 while jobs.join_next().await.is_some() {}
             });
         }
